@@ -1,0 +1,188 @@
+"""Typed run configuration: frozen dataclasses from one YAML file plus `key=value` overrides.
+
+Defaults live here and nowhere else. Unknown keys are errors that name the key; the resolved
+config is written to every run directory and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DA-Transformer size and shape (method.md §2). `vocab_size` 0 = take it from the data."""
+
+    vocab_size: int = 0
+    dim: int = 512
+    heads: int = 8
+    ffn_dim: int = 2048
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    upsample_scale: float = 8.0  # lambda: graph size L = floor(lambda * m), m counts </s>
+    max_source_positions: int = 256
+    max_graph_positions: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if self.upsample_scale < 1:
+            raise ValueError(f"model.upsample_scale={self.upsample_scale} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prepared (binarised) data lives; see `codat prepare`."""
+
+    dir: str = ""
+    train_split: str = "train"
+    valid_split: str = "val"
+    max_ratio: float = 2.0  # drop training pairs with tgt/src or src/tgt length ratio above this
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, glancing and bookkeeping (method.md §4, §6.1)."""
+
+    lr: float = 5e-4
+    warmup_steps: int = 10000
+    warmup_init_lr: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    clip_norm: float = 0.1
+    max_tokens: int = 4096  # per micro-batch: batch size * longest (source or target) length
+    update_freq: int = 1  # gradient accumulation micro-batches per update
+    max_steps: int = 300000
+    max_minutes: float = 0.0  # wall-time budget; 0 = none
+    glance_start: float = 0.5
+    glance_end: float = 0.1
+    glance_anneal_steps: int = 200000
+    eval_every: int = 1000
+    eval_max_sentences: int = 0  # 0 = the whole validation split
+    keep_best: int = 3
+    log_every: int = 10
+    seed: int = 1
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    bf16: bool = False  # autocast the model's matmuls to bfloat16 (the DP stays float32)
+
+    def __post_init__(self) -> None:
+        if self.update_freq < 1:
+            raise ValueError(f"train.update_freq={self.update_freq} must be >= 1")
+        if not (0 <= self.glance_end <= 1 and 0 <= self.glance_start <= 1):
+            raise ValueError("train.glance_start and train.glance_end must be in [0, 1]")
+        if self.max_tokens < 16:
+            raise ValueError(f"train.max_tokens={self.max_tokens} is too small")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoder choice and its knobs (method.md §5)."""
+
+    decoder: str = "lookahead"
+    beta: float = 1.0  # lookahead: weight of the token log-prob
+    viterbi_beta: float = 1.0  # joint-Viterbi length normalisation exponent
+    max_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    run_dir: str = "runs/dat"
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(fields))})")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value, name)
+        else:
+            kwargs[key] = _coerce(fields[key], value, name)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind == "str":
+            return str(value)
+        if kind.startswith("tuple"):
+            return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key '{name}': cannot use {value!r} as {kind}") from None
+    return value
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; unknown keys raise ValueError naming the key."""
+    return _build(RunConfig, values or {}, "")
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (value parsed as YAML) to a nested dict."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] | None = None) -> RunConfig:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from None
+    try:
+        return config_from_dict(apply_overrides(values, overrides or []))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["train"]["betas"] = list(d["train"]["betas"])
+    return d
+
+
+def save_config(cfg: RunConfig, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
