@@ -110,7 +110,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         name = f"{where}.{key}" if where else key
         if key not in fields:
             raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(fields))})")
-        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        sub = (
+            fields[key].default_factory
+            if fields[key].default_factory is not dataclasses.MISSING
+            else None
+        )
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[key] = _build(sub, value, name)
         else:

@@ -78,7 +78,10 @@ def lookahead_decode(
     """
     _check(token_logp, trans_logp, graph_lens)
     vertex_logp, vertex_ids = token_logp.max(dim=-1)  # (B, L)
-    successor = (trans_logp + beta * vertex_logp.unsqueeze(1)).argmax(dim=-1)  # (B, L)
+    scores = (
+        trans_logp if beta == 0 else trans_logp + beta * vertex_logp.unsqueeze(1)
+    )  # no 0 * -inf
+    successor = scores.argmax(dim=-1)  # (B, L)
     path, valid = walk_successors(successor, graph_lens)
     tokens = vertex_ids.gather(1, path)
     return collapse_tokens(tokens, valid, special_ids=special_ids, pad_id=pad_id)

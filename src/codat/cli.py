@@ -1,0 +1,74 @@
+"""`codat <command>`: one function per verb."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(argv: list[str]) -> int:
+    from codat.config import load_config
+    from codat.train import train
+
+    p = argparse.ArgumentParser(prog="codat train", description="Train a DA-Transformer.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue the run in run_dir from last/")
+    a = p.parse_args(argv)
+    train(load_config(a.config, a.overrides), resume=a.resume)
+    return 0
+
+
+def _score(argv: list[str]) -> int:
+    from codat.metrics import main
+
+    return main(argv)
+
+
+def _benchmark(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("dag",):
+        print("usage: codat benchmark dag [options]", file=sys.stderr)
+        return 2
+    from codat.benchmark import main_dag
+
+    return main_dag(argv[1:])
+
+
+def _prepare(argv: list[str]) -> int:
+    from codat.prepare import main
+
+    return main(argv)
+
+
+def _generate(argv: list[str]) -> int:
+    from codat.generate import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "prepare": (_prepare, "raw parallel text -> sentencepiece model + id tensors"),
+    "train": (_train, "train a DA-Transformer from a YAML config"),
+    "generate": (_generate, "translate a file or stdin with a trained run"),
+    "score": (_score, "corpus sacreBLEU of a hypothesis file against a reference file"),
+    "benchmark": (_benchmark, "benchmark dag: time the DP against the dense DAT-style reference"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: codat <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    func = COMMANDS[argv[0]][0]
+    try:
+        code = func(argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"codat {argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)

@@ -1,0 +1,128 @@
+"""DA-Transformer (method.md §2): encoder + decoder over L = floor(lambda * m) graph vertices,
+a token distribution per vertex and a multi-head gated transition matrix between vertices.
+
+The model only maps tensors to a `DagOutput`; losses live in `objectives.py`, decoders in
+`decode.py`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from codat.config import ModelConfig
+from codat.dag import NEG_INF, log_softmax_safe, logsumexp_safe
+from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from codat.layers import DecoderLayer, Encoder, bert_init
+
+
+class DagOutput(NamedTuple):
+    token_logits: torch.Tensor  # (B, L, V)
+    trans_logp: torch.Tensor  # (B, L, L) float32, -inf unless u < v < L_b
+    graph_lens: torch.Tensor  # (B,)
+
+
+class Encoded(NamedTuple):
+    states: torch.Tensor  # (B, S, D)
+    src_mask: torch.Tensor  # (B, S) bool
+    graph_lens: torch.Tensor  # (B,)
+
+
+class DATransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 4:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size} must be set (> 4)")
+        self.cfg = cfg
+        D, H = cfg.dim, cfg.heads
+        self.embed = nn.Embedding(cfg.vocab_size, D, padding_idx=PAD_ID)  # shared by all
+        self.encoder = Encoder(
+            self.embed,
+            layers=cfg.encoder_layers,
+            heads=H,
+            ffn_dim=cfg.ffn_dim,
+            dropout=cfg.dropout,
+            max_positions=cfg.max_source_positions,
+        )
+        self.graph_positions = nn.Embedding(cfg.max_graph_positions, D)
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(D, H, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        # Transition head: features [h ; separate learned position] -> per-head query/key + gate.
+        self.link_positions = nn.Embedding(cfg.max_graph_positions, D)
+        self.link_query = nn.Linear(2 * D, D)
+        self.link_key = nn.Linear(2 * D, D)
+        self.link_gate = nn.Linear(2 * D, H)
+        self.apply(bert_init)
+
+    def graph_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """L_b = floor(lambda * m_b), m_b counting </s>, clipped to [2, max_graph_positions]."""
+        L = torch.floor(src_lens.double() * self.cfg.upsample_scale).long()
+        return L.clamp(min=2, max=self.cfg.max_graph_positions)
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> Encoded:
+        S = src_ids.shape[1]
+        src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
+        return Encoded(self.encoder(src_ids, src_mask), src_mask, self.graph_lengths(src_lens))
+
+    def graph_inputs(self, graph_lens: torch.Tensor) -> torch.Tensor:  # (B, L) long
+        """Placeholder decoder input [<s>, <unk> x (L_b - 2), </s>, <pad> ...]."""
+        L = int(graph_lens.max())
+        pos = torch.arange(L, device=graph_lens.device).unsqueeze(0)
+        ids = torch.full((len(graph_lens), L), UNK_ID, dtype=torch.long, device=graph_lens.device)
+        ids = ids.masked_fill(pos == 0, BOS_ID).masked_fill(
+            pos == graph_lens.unsqueeze(1) - 1, EOS_ID
+        )
+        return ids.masked_fill(pos >= graph_lens.unsqueeze(1), PAD_ID)
+
+    def decode(self, enc: Encoded, graph_ids: torch.Tensor) -> DagOutput:
+        """Run the decoder on graph inputs (B, L): placeholders, or glanced target tokens."""
+        B, L = graph_ids.shape
+        if L > self.cfg.max_graph_positions:
+            raise ValueError(
+                f"graph size {L} exceeds max_graph_positions={self.cfg.max_graph_positions}"
+            )
+        pos = torch.arange(L, device=graph_ids.device)
+        graph_mask = pos.unsqueeze(0) < enc.graph_lens.unsqueeze(1)  # (B, L)
+        x = self.drop(self.embed(graph_ids) * self.encoder.scale + self.graph_positions(pos))
+        for layer in self.decoder_layers:
+            x = layer(x, graph_mask, enc.states, enc.src_mask)
+        token_logits = x @ self.embed.weight.t()  # (B, L, V), tied to the embeddings
+        trans_logp = self.transitions(x, graph_mask)
+        return DagOutput(token_logits, trans_logp, enc.graph_lens)
+
+    def transitions(self, h: torch.Tensor, graph_mask: torch.Tensor) -> torch.Tensor:  # (B, L, L)
+        """log P(v | u) = log sum_h gate_h(u) softmax_{u < v < L_b}(q_h(u) . k_h(v) / sqrt(d_h)).
+
+        Computed in float32 even under autocast (method.md §2.3).
+        """
+        B, L, D = h.shape
+        H = self.cfg.heads
+        pos = torch.arange(L, device=h.device)
+        feats = torch.cat([h, self.link_positions(pos).expand(B, L, D).to(h.dtype)], dim=-1)
+        q = self.link_query(feats).float().view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, d)
+        k = self.link_key(feats).float().view(B, L, H, D // H).transpose(1, 2)
+        log_gate = torch.log_softmax(self.link_gate(feats).float(), dim=-1)  # (B, L, H)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            scores = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (B, H, L, L)
+            valid = (pos.unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(0) & graph_mask.unsqueeze(1)
+            scores = scores.masked_fill(~valid.unsqueeze(1), NEG_INF)
+            per_head = log_softmax_safe(scores, dim=-1)  # rows without successors stay -inf
+            return logsumexp_safe(per_head + log_gate.transpose(1, 2).unsqueeze(-1), dim=1)
+
+    def forward(
+        self,
+        src_ids: torch.Tensor,  # (B, S)
+        src_lens: torch.Tensor,  # (B,)
+        graph_ids: torch.Tensor | None = None,  # (B, L) glanced decoder input; None = placeholders
+    ) -> DagOutput:
+        enc = self.encode(src_ids, src_lens)
+        if graph_ids is None:
+            graph_ids = self.graph_inputs(enc.graph_lens)
+        return self.decode(enc, graph_ids)
+
+
+__all__ = ["DATransformer", "DagOutput", "Encoded", "EOS_ID"]

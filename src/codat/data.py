@@ -1,0 +1,163 @@
+"""Prepared parallel data on disk, token-bucketed batching and padded batches.
+
+A prepared split is `SPLIT.safetensors` (flat int32 ids + int64 offsets for source and target,
+without specials) in the directory written by `codat prepare`. Specials are added at collate time:
+source = ids + </s>, target = <s> + ids + </s> (method.md §8.1: n counts both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import random
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = (PAD_ID, BOS_ID, EOS_ID)
+
+
+@dataclass(frozen=True)
+class Batch:
+    src_ids: torch.Tensor  # (B, S) long, </s>-terminated, PAD_ID padded
+    src_lens: torch.Tensor  # (B,)
+    tgt_ids: torch.Tensor  # (B, N) long, <s> ... </s>, PAD_ID padded
+    tgt_lens: torch.Tensor  # (B,)
+    indices: torch.Tensor  # (B,) positions of the examples in their split
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            *(
+                t.to(device)
+                for t in (self.src_ids, self.src_lens, self.tgt_ids, self.tgt_lens, self.indices)
+            )
+        )
+
+
+class ParallelData:
+    """Source/target id sequences of one split, held as lists of 1-D int tensors (no specials)."""
+
+    def __init__(self, src: list[torch.Tensor], tgt: list[torch.Tensor]) -> None:
+        if len(src) != len(tgt):
+            raise ValueError(f"{len(src)} source vs {len(tgt)} target sequences")
+        self.src, self.tgt = src, tgt
+        self.src_lens = torch.tensor([len(s) + 1 for s in src], dtype=torch.long)  # + </s>
+        self.tgt_lens = torch.tensor([len(t) + 2 for t in tgt], dtype=torch.long)  # + <s> </s>
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    @classmethod
+    def load(cls, data_dir: str | pathlib.Path, split: str) -> ParallelData:
+        path = pathlib.Path(data_dir) / f"{split}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"prepared split not found: {path} (run `codat prepare`)")
+        t = load_file(str(path))
+        return cls(
+            _unflatten(t["src_ids"], t["src_offsets"]), _unflatten(t["tgt_ids"], t["tgt_offsets"])
+        )
+
+    def save(self, path: str | pathlib.Path) -> None:
+        src_ids, src_off = _flatten(self.src)
+        tgt_ids, tgt_off = _flatten(self.tgt)
+        save_file(
+            {
+                "src_ids": src_ids,
+                "src_offsets": src_off,
+                "tgt_ids": tgt_ids,
+                "tgt_offsets": tgt_off,
+            },
+            str(path),
+        )
+
+    def trainable_mask(self, *, upsample_scale: float, max_ratio: float) -> torch.Tensor:  # (n,)
+        """Pairs the DAG can learn: graph size floor(lambda * m) >= n, length ratio <= max_ratio."""
+        graph = torch.floor(self.src_lens.double() * upsample_scale).long()
+        src_core = (self.src_lens - 1).clamp(min=1).double()
+        tgt_core = (self.tgt_lens - 2).clamp(min=1).double()
+        ratio = torch.maximum(src_core / tgt_core, tgt_core / src_core)
+        ok = (graph >= self.tgt_lens) & (self.src_lens > 1) & (self.tgt_lens > 2)
+        if max_ratio > 0:
+            ok &= ratio <= max_ratio
+        return ok
+
+    def collate(self, indices: list[int]) -> Batch:
+        B = len(indices)
+        src_lens = self.src_lens[indices]
+        tgt_lens = self.tgt_lens[indices]
+        src = torch.full((B, int(src_lens.max())), PAD_ID, dtype=torch.long)
+        tgt = torch.full((B, int(tgt_lens.max())), PAD_ID, dtype=torch.long)
+        for row, i in enumerate(indices):
+            s, t = self.src[i], self.tgt[i]
+            src[row, : len(s)] = s
+            src[row, len(s)] = EOS_ID
+            tgt[row, 0] = BOS_ID
+            tgt[row, 1 : len(t) + 1] = t
+            tgt[row, len(t) + 1] = EOS_ID
+        return Batch(src, src_lens, tgt, tgt_lens, torch.tensor(indices, dtype=torch.long))
+
+
+def _flatten(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lens, 0)
+    flat = (
+        torch.cat([s.to(torch.int32) for s in seqs]) if seqs else torch.zeros(0, dtype=torch.int32)
+    )
+    return flat, offsets
+
+
+def _unflatten(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    flat = flat.long()
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def token_batches(
+    sizes: torch.Tensor,  # (n,) cost of one example: its longest padded length
+    *,
+    max_tokens: int,
+    shuffle: bool,
+    seed: int = 0,
+    indices: list[int] | None = None,
+) -> list[list[int]]:
+    """Group examples of similar size so that batch_size * longest size <= max_tokens.
+
+    Sorting by size (with random tie-breaking when shuffling) keeps padding low; the batch order is
+    then shuffled. An example longer than max_tokens becomes a batch of its own.
+    """
+    rng = random.Random(seed)
+    pool = list(range(len(sizes))) if indices is None else list(indices)
+    if shuffle:
+        rng.shuffle(pool)
+    pool.sort(key=lambda i: int(sizes[i]))
+    batches, cur, cur_max = [], [], 0
+    for i in pool:
+        size = int(sizes[i])
+        if cur and max(cur_max, size) * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, size)
+    if cur:
+        batches.append(cur)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def read_meta(data_dir: str | pathlib.Path) -> dict:
+    path = pathlib.Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: is {data_dir} a directory made by `codat prepare`?"
+        )
+    return json.loads(path.read_text())
+
+
+def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Every rank gets the same number of batches (the tail that does not divide is dropped)."""
+    per_rank = math.floor(len(batches) / world)
+    return batches[rank * per_rank : (rank + 1) * per_rank] if world > 1 else batches

@@ -1,0 +1,59 @@
+"""Glancing training for DAT (method.md §4): reveal some aligned target tokens to the decoder."""
+
+from __future__ import annotations
+
+import torch
+
+from codat.dag import NEG_INF
+
+
+def glance_ratio(step: int, *, start: float, end: float, anneal_steps: int) -> float:
+    """Linear anneal start -> end over anneal_steps (DAT's `0.5:0.1@200k`, with its +1)."""
+    if anneal_steps <= 0 or step >= anneal_steps:
+        return end
+    return start + (end - start) * step / (anneal_steps + 1)
+
+
+def choose_glanced(
+    path: torch.Tensor,  # (B, L) target index aligned to each vertex, or -1
+    pred_ids: torch.Tensor,  # (B, L) argmax token of each vertex (pass 1)
+    tgt_ids: torch.Tensor,  # (B, N)
+    target_lens: torch.Tensor,  # (B,)
+    *,
+    ratio: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, L) bool, (B, L) long
+    """`number-random` glancing: reveal K = floor((N_b - #correct) * ratio + 0.5) aligned vertices.
+
+    The K vertices are drawn uniformly among the aligned ones (<s>/</s> included). Returns the
+    reveal mask and the aligned gold token of every vertex.
+    """
+    aligned = path >= 0
+    oracle = tgt_ids.gather(1, path.clamp(min=0))  # (B, L)
+    same = (aligned & (pred_ids == oracle)).sum(dim=1)
+    count = torch.floor((target_lens - same).double() * ratio + 0.5).long()  # (B,)
+    noise = torch.rand(path.shape, generator=generator, device=path.device)
+    noise = noise.masked_fill(~aligned, NEG_INF)
+    order = noise.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(path.shape[1], device=path.device).expand_as(order)
+    )
+    keep = aligned & (rank < count.unsqueeze(1))
+    return keep, oracle
+
+
+def force_alignment(
+    token_logp: torch.Tensor,  # (B, L, N)
+    path: torch.Tensor,  # (B, L)
+    keep: torch.Tensor,  # (B, L) bool
+) -> torch.Tensor:  # (B, L, N)
+    """Make every revealed target token i sit at its vertex j*: column i becomes 0 at j*, -inf
+    elsewhere, so paths must pass through j* and the revealed token adds no loss or gradient."""
+    B, L, N = token_logp.shape
+    target_of_vertex = torch.where(keep, path, torch.full_like(path, N))
+    forced = torch.zeros(B, N + 1, dtype=torch.bool, device=path.device)
+    forced.scatter_(1, target_of_vertex, True)
+    forced = forced[:, :N]  # (B, N)
+    hit = target_of_vertex.unsqueeze(2) == torch.arange(N, device=path.device)  # (B, L, N)
+    fixed = torch.zeros_like(token_logp).masked_fill(~hit, NEG_INF)
+    return torch.where(forced.unsqueeze(1), fixed, token_logp)

@@ -1,0 +1,138 @@
+"""Transformer building blocks shared by every model: attention (SDPA), feed-forward, post-norm
+encoder and decoder layers, and the BERT-style initialisation (method.md §2.1).
+
+Layers take plain scalars, not config objects. Masks are bool with True = take part.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, *, self_attention: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.self_attention = self_attention
+        if self_attention:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D) queries
+        memory: torch.Tensor | None,  # (B, S, D) keys/values for cross-attention, else None
+        key_mask: torch.Tensor,  # (B, S) bool, True = valid key
+    ) -> torch.Tensor:  # (B, T, D)
+        B, T, D = x.shape
+        H = self.heads
+        if self.self_attention:
+            q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        else:
+            S = memory.shape[1]
+            q = self.q(x).view(B, T, H, D // H).transpose(1, 2)
+            k, v = self.kv(memory).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm: x = LN(x + Drop(SelfAttn(x))); x = LN(x + Drop(FFN(x)))."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(dim, heads, self_attention=True)
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, S, D)
+        x = self.norm1(x + self.drop(self.attn(x, None, mask)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm self-attention (unmasked over valid positions), cross-attention, FFN."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(dim, heads, self_attention=True)
+        self.cross_attn = MultiHeadAttention(dim, heads, self_attention=False)
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        mask: torch.Tensor,  # (B, L) bool
+        memory: torch.Tensor,  # (B, S, D)
+        memory_mask: torch.Tensor,  # (B, S) bool
+    ) -> torch.Tensor:  # (B, L, D)
+        x = self.norm1(x + self.drop(self.self_attn(x, None, mask)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, memory, memory_mask)))
+        return self.norm3(x + self.drop(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    """Token embeddings (scaled by sqrt(D)) + learned positions, then post-norm layers."""
+
+    def __init__(
+        self,
+        embed: nn.Embedding,
+        *,
+        layers: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float,
+        max_positions: int,
+    ) -> None:
+        super().__init__()
+        dim = embed.embedding_dim
+        self.embed = embed
+        self.scale = dim**0.5
+        self.positions = nn.Embedding(max_positions, dim)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            EncoderLayer(dim, heads, ffn_dim, dropout) for _ in range(layers)
+        )
+
+    def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:  # (B, S, D)
+        S = src_ids.shape[1]
+        if S > self.positions.num_embeddings:
+            raise ValueError(
+                f"source length {S} exceeds max_source_positions={self.positions.num_embeddings}"
+            )
+        pos = torch.arange(S, device=src_ids.device)
+        x = self.drop(self.embed(src_ids) * self.scale + self.positions(pos))
+        for layer in self.layers:
+            x = layer(x, src_mask)
+        return x
+
+
+def bert_init(module: nn.Module) -> None:
+    """Linear and Embedding weights ~ N(0, 0.02), biases 0, the padding row 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()

@@ -1,0 +1,353 @@
+"""`codat train CONFIG.yaml [key=value ...]`: the one DAT training loop, read top to bottom.
+
+Single process, or many under `torchrun --nproc_per_node=N -m codat train ...` (DDP). Rank 0 writes
+the run directory: config.yaml, metrics.jsonl, checkpoints/ (the best `keep_best` by validation
+BLEU), best/ (the best one) and last/ (with optimizer state, for --resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import pathlib
+import shutil
+import time
+from dataclasses import replace
+
+import sacrebleu
+import sentencepiece as spm
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from codat import distributed
+from codat.checkpoint import load_optimizer, load_weights, save_checkpoint
+from codat.config import RunConfig, save_config
+from codat.dag import dag_best_path
+from codat.dat import DATransformer
+from codat.data import Batch, ParallelData, read_meta, shard, token_batches
+from codat.generate import translate_ids
+from codat.glancing import choose_glanced, force_alignment, glance_ratio
+from codat.objectives import dag_nll, gather_token_logp
+
+log = logging.getLogger(__name__)
+
+
+def inverse_sqrt_lr(step: int, *, lr: float, warmup: int, init_lr: float) -> float:
+    """fairseq's inverse_sqrt: linear warm-up from init_lr, then lr * sqrt(warmup / step)."""
+    if warmup > 0 and step < warmup:
+        return init_lr + (lr - init_lr) * step / warmup
+    return lr * math.sqrt(max(warmup, 1) / max(step, 1))
+
+
+def dat_loss(
+    model: torch.nn.Module,  # possibly DDP-wrapped
+    core: DATransformer,  # the unwrapped module, for the no-grad glancing pass
+    batch: Batch,
+    *,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict]:
+    """DP loss of one micro-batch with glancing (method.md §4): pass 1 without grad finds the best
+    alignment and the revealed vertices; pass 2, with identical dropout masks, is trained."""
+    stats = {}
+    graph_ids = None
+    path = keep = None
+    if ratio > 0:
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if batch.src_ids.is_cuda else None
+        with torch.no_grad(), autocast:
+            out1 = core(batch.src_ids, batch.src_lens)
+            # Only the alignment is needed here, so the model's dtype suffices (no fp32 copy).
+            tok1 = (
+                torch.log_softmax(out1.token_logits, dim=-1)
+                .gather(-1, batch.tgt_ids.unsqueeze(1).expand(-1, out1.token_logits.shape[1], -1))
+                .float()
+            )
+            path, _ = dag_best_path(tok1, out1.trans_logp, out1.graph_lens, batch.tgt_lens)
+            keep, oracle = choose_glanced(
+                path,
+                out1.token_logits.argmax(-1),
+                batch.tgt_ids,
+                batch.tgt_lens,
+                ratio=ratio,
+                generator=generator,
+            )
+            placeholders = core.graph_inputs(out1.graph_lens)
+            graph_ids = torch.where(keep, oracle, placeholders)
+            stats["glanced"] = float(keep.sum()) / float(batch.tgt_lens.sum())
+        torch.set_rng_state(cpu_rng)  # pass 2 reuses pass 1's dropout masks
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
+    with autocast:
+        out = model(batch.src_ids, batch.src_lens, graph_ids)
+    token_logp = gather_token_logp(out.token_logits, batch.tgt_ids)
+    if keep is not None:
+        token_logp = force_alignment(token_logp, path, keep)
+    loss, _, invalid = dag_nll(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
+    stats["invalid"] = invalid
+    return loss, stats
+
+
+def evaluate(
+    core: DATransformer,
+    data: ParallelData,
+    refs: list[str],
+    sp: spm.SentencePieceProcessor,
+    cfg: RunConfig,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> dict:
+    """Validation DP loss (no glancing) and sacreBLEU of the configured decoder."""
+    core.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for idx in token_batches(
+            torch.maximum(data.src_lens, data.tgt_lens),
+            max_tokens=cfg.train.max_tokens,
+            shuffle=False,
+        ):
+            b = data.collate(idx).to(device)
+            with autocast:
+                out = core(b.src_ids, b.src_lens)
+            tok = gather_token_logp(out.token_logits, b.tgt_ids)
+            _, per, _ = dag_nll(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
+            total, count = total + float(per.sum()), count + len(idx)
+        with autocast:
+            hyp_ids = translate_ids(core, data.src, cfg.decode, device=device)
+    core.train()
+    hyps = [sp.decode(h) for h in hyp_ids]
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    return {"valid_loss": total / max(count, 1), "valid_bleu": bleu.score, "hyp_example": hyps[0]}
+
+
+def build_model(cfg: RunConfig) -> tuple[RunConfig, DATransformer]:
+    meta = read_meta(cfg.data.dir)
+    if cfg.model.vocab_size == 0:
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=meta["vocab_size"]))
+    elif cfg.model.vocab_size != meta["vocab_size"]:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} but the data has {meta['vocab_size']}"
+        )
+    return cfg, DATransformer(cfg.model)
+
+
+def train(cfg: RunConfig, *, resume: bool = False) -> dict:
+    dist = distributed.DistInfo.from_env()
+    distributed.setup(dist)
+    device = dist.device()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed + dist.rank)
+    run_dir = pathlib.Path(cfg.run_dir)
+    last_dir = run_dir / "last"
+    if dist.is_main and not resume and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run: pass --resume or choose another run_dir"
+        )
+    if resume and not (last_dir / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume: {last_dir}/trainer_state.json not found")
+
+    cfg, core = build_model(cfg)
+    core.to(device)
+    spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    train_data = ParallelData.load(cfg.data.dir, cfg.data.train_split)
+    ok = train_data.trainable_mask(
+        upsample_scale=cfg.model.upsample_scale, max_ratio=cfg.data.max_ratio
+    )
+    train_idx = ok.nonzero().squeeze(1).tolist()
+    valid_data = ParallelData.load(cfg.data.dir, cfg.data.valid_split)
+    refs_path = pathlib.Path(cfg.data.dir) / f"{cfg.data.valid_split}.ref.txt"
+    valid_refs = refs_path.read_text(encoding="utf-8").splitlines()
+    if cfg.train.eval_max_sentences > 0:
+        n = cfg.train.eval_max_sentences
+        valid_data = ParallelData(valid_data.src[:n], valid_data.tgt[:n])
+        valid_refs = valid_refs[:n]
+
+    optimizer = torch.optim.AdamW(
+        core.parameters(),
+        lr=cfg.train.lr,
+        betas=cfg.train.betas,
+        weight_decay=cfg.train.weight_decay,
+    )
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": [], "elapsed_s": 0.0}
+    if resume:
+        load_weights(last_dir, core, device)
+        load_optimizer(last_dir, optimizer, device)
+        state = json.loads((last_dir / "trainer_state.json").read_text())
+    model = DistributedDataParallel(core) if dist.world_size > 1 else core
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.bf16
+        else contextlib.nullcontext()
+    )
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + dist.rank)
+
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        n_params = sum(p.numel() for p in core.parameters())
+        log.info(
+            "model: %.2fM parameters; train pairs %d (of %d); device %s; world %d",
+            n_params / 1e6,
+            len(train_idx),
+            len(train_data),
+            device,
+            dist.world_size,
+        )
+    metrics = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
+
+    sizes = torch.maximum(train_data.src_lens, train_data.tgt_lens)
+    start_time = time.time() - state["elapsed_s"]
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=state["step"],
+        disable=not dist.is_main,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    window_tokens, window_start = 0, time.time()
+    stop = False
+    while not stop:
+        batches = token_batches(
+            sizes,
+            max_tokens=cfg.train.max_tokens,
+            shuffle=True,
+            seed=cfg.train.seed + state["epoch"],
+            indices=train_idx,
+        )
+        batches = shard(batches, dist.rank, dist.world_size)
+        updates = len(batches) // cfg.train.update_freq
+        while state["batch_in_epoch"] < updates:
+            step = state["step"]
+            lr = inverse_sqrt_lr(
+                step,
+                lr=cfg.train.lr,
+                warmup=cfg.train.warmup_steps,
+                init_lr=cfg.train.warmup_init_lr,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ratio = glance_ratio(
+                step,
+                start=cfg.train.glance_start,
+                end=cfg.train.glance_end,
+                anneal_steps=cfg.train.glance_anneal_steps,
+            )
+            first = state["batch_in_epoch"] * cfg.train.update_freq
+            micro = batches[first : first + cfg.train.update_freq]
+            loss_sum, stats = 0.0, {}
+            for k, idx in enumerate(micro):
+                batch = train_data.collate(idx).to(device)
+                sync = k == len(micro) - 1 or dist.world_size == 1
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx:
+                    loss, stats = dat_loss(
+                        model, core, batch, ratio=ratio, generator=generator, autocast=autocast
+                    )
+                    (loss / len(micro)).backward()
+                loss_sum += float(loss.detach()) / len(micro)
+                window_tokens += int(batch.tgt_lens.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            bar.update(1)
+            if state["step"] % cfg.train.log_every == 0:
+                tok_s = window_tokens * dist.world_size / max(time.time() - window_start, 1e-9)
+                loss_avg = float(distributed.all_reduce_mean(torch.tensor(loss_sum), dist))
+                row = {
+                    "step": state["step"],
+                    "loss": round(loss_avg, 4),
+                    "lr": lr,
+                    "glance": round(ratio, 4),
+                    "grad_norm": round(float(grad_norm), 4),
+                    "tokens_per_s": round(tok_s, 1),
+                    "epoch": state["epoch"],
+                    "elapsed_s": round(time.time() - start_time, 1),
+                    **stats,
+                }
+                bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
+                if metrics:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                window_tokens, window_start = 0, time.time()
+            out_of_time = (
+                cfg.train.max_minutes > 0 and time.time() - start_time > cfg.train.max_minutes * 60
+            )
+            stop = state["step"] >= cfg.train.max_steps or out_of_time
+            if state["step"] % cfg.train.eval_every == 0 or stop:
+                state["elapsed_s"] = time.time() - start_time
+                if dist.is_main:
+                    _eval_and_checkpoint(
+                        core,
+                        optimizer,
+                        cfg,
+                        state,
+                        valid_data,
+                        valid_refs,
+                        sp,
+                        spm_path,
+                        device,
+                        autocast,
+                        metrics,
+                        bar,
+                    )
+                distributed.barrier(dist)
+            if stop:
+                break
+        if not stop:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    bar.close()
+    if metrics:
+        metrics.close()
+    distributed.teardown(dist)
+    return state
+
+
+def _eval_and_checkpoint(
+    core,
+    optimizer,
+    cfg,
+    state,
+    valid_data,
+    valid_refs,
+    sp,
+    spm_path,
+    device,
+    autocast,
+    metrics,
+    bar,
+) -> None:
+    run_dir = pathlib.Path(cfg.run_dir)
+    result = evaluate(core, valid_data, valid_refs, sp, cfg, device, autocast)
+    row = {
+        "step": state["step"],
+        "valid_loss": round(result["valid_loss"], 4),
+        "valid_bleu": round(result["valid_bleu"], 2),
+        "elapsed_s": round(state["elapsed_s"], 1),
+    }
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+    bar.write(
+        f"step {state['step']}: valid loss {row['valid_loss']:.3f}, BLEU {row['valid_bleu']:.2f}"
+        f" | {result['hyp_example']}"
+    )
+    name = f"step{state['step']}"
+    best = state["best"] + [[result["valid_bleu"], state["step"], name]]
+    best.sort(key=lambda e: (-e[0], -e[1]))
+    keep, drop = best[: cfg.train.keep_best], best[cfg.train.keep_best :]
+    if any(e[2] == name for e in keep):
+        save_checkpoint(run_dir / "checkpoints" / name, core, cfg, spm_path)
+    for e in drop:
+        shutil.rmtree(run_dir / "checkpoints" / e[2], ignore_errors=True)
+    if keep[0][2] == name:
+        save_checkpoint(run_dir / "best", core, cfg, spm_path)
+    state["best"] = keep
+    save_checkpoint(run_dir / "last", core, cfg, spm_path, optimizer=optimizer, state=state)

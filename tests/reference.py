@@ -1,0 +1,223 @@
+"""Slow, obviously-correct reference definitions of the DAG maths (method.md §3 and §5).
+
+Everything here is a plain Python loop or an explicit enumeration of paths, in float64, written from
+the definitions rather than from the fast code in `codat.dag` / `codat.decode`. Only use it on tiny
+graphs (L <= 8): the number of paths grows as 2^(L-2).
+
+Conventions (as in `codat.dag`): `token_logp (B, L, N)` holds log P(y_i | v_j) at [b, j, i] (for the
+decoders, `(B, L, V)` holds log P(v | j) at [b, j, v]); `trans_logp (B, L, L)` holds
+log P(v_k -> v_j) at [b, k, j], -inf unless k < j < L_b. A path for a target of length N_b is
+0 = a_0 < a_1 < ... < a_{N_b-1} = L_b - 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def random_dag(
+    B: int,
+    L: int,
+    graph_lens: list[int] | torch.Tensor,
+    n_cols: int,
+    dtype: torch.dtype = torch.float64,
+    *,
+    drop_edges: float = 0.0,
+    pad_token_logp: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, L, n_cols), (B, L, L)
+    """A random valid ragged DAG: `token_logp (B, L, n_cols)` and `trans_logp (B, L, L)`.
+
+    Each row k < L_b - 1 of `trans_logp` is a log_softmax of random scores over its valid successors
+    k < j < L_b; every other entry (and every row of the last vertex and of padding) is -inf.
+    With `drop_edges > 0` that fraction of edges is removed at random, which leaves some
+    (vertex, step) cells unreachable; the edges k -> k+1 and k -> L_b - 1 are always kept, so every
+    row stays normalisable and the path 0, 1, ..., N_b - 2, L_b - 1 exists whenever L_b >= N_b.
+    `token_logp` rows are log_softmax of random scores; padding vertices (j >= L_b) get the
+    constant `pad_token_logp` (0 = the largest possible log-probability, so any leak shows).
+    """
+    graph_lens = [int(x) for x in graph_lens]
+    assert len(graph_lens) == B and all(1 <= g <= L for g in graph_lens)
+    token_logp = torch.log_softmax(2.0 * torch.randn(B, L, n_cols, dtype=torch.float64), dim=-1)
+    trans_logp = torch.full((B, L, L), NEG_INF, dtype=torch.float64)
+    scores = 2.0 * torch.randn(B, L, L, dtype=torch.float64)
+    keep = torch.rand(B, L, L, dtype=torch.float64) >= drop_edges
+    for b in range(B):
+        Lb = graph_lens[b]
+        token_logp[b, Lb:, :] = pad_token_logp
+        for k in range(Lb - 1):
+            succ = [j for j in range(k + 1, Lb) if j in (k + 1, Lb - 1) or bool(keep[b, k, j])]
+            row = torch.log_softmax(scores[b, k, succ], dim=0)
+            for j, value in zip(succ, row.tolist(), strict=True):
+                trans_logp[b, k, j] = value
+    return token_logp.to(dtype), trans_logp.to(dtype)
+
+
+def all_paths(graph_len: int, target_len: int) -> list[tuple[int, ...]]:
+    """Every path 0 = a_0 < ... < a_{N-1} = L-1 with exactly `target_len` vertices."""
+    if target_len == 1:
+        return [(0,)] if graph_len == 1 else []
+    if graph_len < 2:
+        return []
+    middles = itertools.combinations(range(1, graph_len - 1), target_len - 2)
+    return [(0, *mid, graph_len - 1) for mid in middles]
+
+
+def path_score(
+    token_logp: torch.Tensor,  # (L, N) of one sentence
+    trans_logp: torch.Tensor,  # (L, L) of one sentence
+    path: tuple[int, ...],
+) -> torch.Tensor:  # scalar
+    """sum_i log P(y_i | v_{a_i}) + sum_i log P(a_{i+1} | a_i), as a differentiable scalar."""
+    terms = [token_logp[a, i] for i, a in enumerate(path)]
+    terms += [trans_logp[a, c] for a, c in itertools.pairwise(path)]
+    return torch.stack(terms).sum()
+
+
+def brute_force_log_likelihood(
+    token_logp: torch.Tensor,  # (B, L, N)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    target_lens: torch.Tensor,  # (B,)
+) -> torch.Tensor:  # (B,) float64
+    """log sum over all paths of exp(path score), by enumeration.
+
+    Only paths with a finite score enter the torch.logsumexp (so autograd through it gives the
+    exact gradient, never NaN). A sentence without any such path gets a constant -inf with no
+    gradient (use `allow_unused`/`materialize_grads` when differentiating).
+    """
+    token_logp = token_logp.double()
+    trans_logp = trans_logp.double()
+    out = []
+    for b in range(token_logp.shape[0]):
+        Lb, Nb = int(graph_lens[b]), int(target_lens[b])
+        scores = [path_score(token_logp[b], trans_logp[b], p) for p in all_paths(Lb, Nb)]
+        finite = [s for s in scores if math.isfinite(float(s.detach()))]
+        if finite:
+            out.append(torch.logsumexp(torch.stack(finite), dim=0))
+        else:
+            out.append(torch.tensor(NEG_INF, dtype=torch.float64))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def brute_force_best_path(
+    token_logp: torch.Tensor,  # (B, L, N)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    target_lens: torch.Tensor,  # (B,)
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, L) long, (B,) float64
+    """The highest-scoring path by enumeration.
+
+    Returns `path[b, j]` = target index aligned to vertex j, or -1 where none is (all -1 when no
+    finite path exists), and the best score (-inf when no finite path exists).
+    """
+    token_logp = token_logp.double()
+    trans_logp = trans_logp.double()
+    B, L, _ = token_logp.shape
+    paths = torch.full((B, L), -1, dtype=torch.long)
+    best_scores = torch.full((B,), NEG_INF, dtype=torch.float64)
+    for b in range(B):
+        best, best_p = NEG_INF, None
+        for p in all_paths(int(graph_lens[b]), int(target_lens[b])):
+            s = float(path_score(token_logp[b], trans_logp[b], p))
+            if math.isfinite(s) and s > best:
+                best, best_p = s, p
+        if best_p is not None:
+            best_scores[b] = best
+            for i, a in enumerate(best_p):
+                paths[b, a] = i
+    return paths, best_scores
+
+
+def clean_tokens(tokens: list[int], special_ids: tuple[int, ...], pad_id: int) -> list[int]:
+    """Collapse consecutive repeats first, then drop special ids and pad (in that order)."""
+    collapsed = [t for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1]]
+    return [t for t in collapsed if t not in special_ids and t != pad_id]
+
+
+@torch.no_grad()
+def loop_lookahead(
+    token_logp: torch.Tensor,  # (B, L, V)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    beta: float,
+    special_ids: tuple[int, ...],
+    pad_id: int,
+) -> list[list[int]]:
+    """Lookahead decoding, one sentence at a time, straight from the definition.
+
+    Start at vertex 0; from vertex a go to argmax_{a < j < L_b} E[a, j] + beta * max_v logp[j, v];
+    stop at L_b - 1. Emit argmax_v logp[j, v] for every visited vertex, both ends included, then
+    collapse consecutive duplicates and remove special ids and pad.
+    """
+    out = []
+    for b in range(token_logp.shape[0]):
+        Lb = int(graph_lens[b])
+        logp = token_logp[b].double().tolist()
+        trans = trans_logp[b].double().tolist()
+        s = [max(row) for row in logp]
+        tok = [row.index(max(row)) for row in logp]
+        a, visited = 0, [0]
+        while a != Lb - 1:
+            a = max(range(a + 1, Lb), key=lambda j, a=a: trans[a][j] + beta * s[j])
+            visited.append(a)
+        out.append(clean_tokens([tok[v] for v in visited], special_ids, pad_id))
+    return out
+
+
+@torch.no_grad()
+def brute_force_joint_viterbi(
+    token_logp: torch.Tensor,  # (B, L, V)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    length_beta: float,
+    special_ids: tuple[int, ...],
+    pad_id: int,
+    max_edges: int | None = None,
+) -> tuple[list[list[int]], torch.Tensor, list[tuple[int, ...]]]:
+    """Joint-Viterbi by enumerating every path 0 -> L_b - 1 with any number of edges.
+
+    score(path) = (sum of its edge log-probs + sum over all its vertices, both ends included, of
+    max_v logp[j, v]) / (#edges) ** length_beta; paths with more than `max_edges` edges are left
+    out. Returns the cleaned argmax tokens of the best path, its score (B,) and the path itself.
+    """
+    tokens_out, scores, paths = [], [], []
+    for b in range(token_logp.shape[0]):
+        Lb = int(graph_lens[b])
+        logp = token_logp[b].double().tolist()
+        trans = trans_logp[b].double().tolist()
+        s = [max(row) for row in logp]
+        tok = [row.index(max(row)) for row in logp]
+        best, best_p = NEG_INF, None
+        for r in range(Lb - 1):  # number of intermediate vertices
+            for mid in itertools.combinations(range(1, Lb - 1), r):
+                p = (0, *mid, Lb - 1)
+                n_edges = len(p) - 1
+                if max_edges is not None and n_edges > max_edges:
+                    continue
+                total = sum(trans[a][c] for a, c in itertools.pairwise(p)) + sum(s[v] for v in p)
+                value = total / n_edges**length_beta
+                if value > best:
+                    best, best_p = value, p
+        assert best_p is not None, "the chain 0 -> 1 -> ... -> L_b - 1 is always a path"
+        tokens_out.append(clean_tokens([tok[v] for v in best_p], special_ids, pad_id))
+        scores.append(best)
+        paths.append(best_p)
+    return tokens_out, torch.tensor(scores, dtype=torch.float64), paths
+
+
+def loop_walk(successor: torch.Tensor, graph_lens: torch.Tensor) -> list[list[int]]:
+    """Follow successor pointers from vertex 0 until vertex L_b - 1, one sentence at a time."""
+    out = []
+    for b in range(successor.shape[0]):
+        last, v, walk = int(graph_lens[b]) - 1, 0, [0]
+        while v != last:
+            v = int(successor[b, v])
+            walk.append(v)
+        out.append(walk)
+    return out

@@ -1,0 +1,123 @@
+"""Correctness of `codat.benchmark` (no timing assertions: timings are only checked to exist)."""
+
+import json
+import math
+
+import pytest
+import torch
+from reference import brute_force_log_likelihood, random_dag
+
+from codat.benchmark import (
+    format_dag_report,
+    main_dag,
+    make_dag_inputs,
+    naive_dag_log_likelihood,
+    run_dag_benchmark,
+)
+from codat.dag import dag_log_likelihood
+
+
+def _value_and_grads(fn, token_logp, trans_logp, graph_lens, target_lens):
+    tok = token_logp.detach().clone().requires_grad_(True)
+    trans = trans_logp.detach().clone().requires_grad_(True)
+    out = fn(tok, trans, graph_lens, target_lens)
+    g_tok, g_trans = torch.autograd.grad(out.sum(), (tok, trans))
+    return out.detach(), g_tok, g_trans
+
+
+@pytest.mark.parametrize(
+    ("L", "graph_lens", "target_lens", "drop_edges"),
+    [
+        (12, [12, 9, 5], [5, 3, 5], 0.0),  # ragged, full target length on a short graph
+        (12, [12, 7, 3], [4, 5, 5], 0.3),  # sparse edges; L_b = 3 < N_b = 5 has no path
+        (6, [6, 1, 2], [5, 1, 2], 0.0),  # single-vertex graph and a one-edge graph
+    ],
+)
+def test_naive_matches_fast_value_and_gradient(L, graph_lens, target_lens, drop_edges):
+    N = max(target_lens)
+    token_logp, trans_logp = random_dag(
+        3, L, graph_lens, N, drop_edges=drop_edges, pad_token_logp=0.0
+    )
+    gl, tl = torch.tensor(graph_lens), torch.tensor(target_lens)
+    fast = _value_and_grads(dag_log_likelihood, token_logp, trans_logp, gl, tl)
+    naive = _value_and_grads(naive_dag_log_likelihood, token_logp, trans_logp, gl, tl)
+    assert naive[0].dtype == torch.float64
+    no_path = gl < tl
+    assert torch.isneginf(naive[0][no_path]).all() and torch.isneginf(fast[0][no_path]).all()
+    assert torch.isfinite(naive[0][~no_path]).all()
+    torch.testing.assert_close(naive[0], fast[0], rtol=1e-10, atol=1e-10)
+    for g_naive, g_fast in zip(naive[1:], fast[1:], strict=True):
+        assert torch.isfinite(g_naive).all()
+        torch.testing.assert_close(g_naive, g_fast, rtol=1e-9, atol=1e-10)
+        assert (g_naive[no_path] == 0).all()
+
+
+def test_naive_matches_path_enumeration():
+    graph_lens, target_lens = torch.tensor([7, 5, 2, 4]), torch.tensor([4, 5, 2, 1])
+    token_logp, trans_logp = random_dag(4, 7, graph_lens, 5, drop_edges=0.2)
+    naive = naive_dag_log_likelihood(token_logp, trans_logp, graph_lens, target_lens)
+    brute = brute_force_log_likelihood(token_logp, trans_logp, graph_lens, target_lens)
+    torch.testing.assert_close(naive, brute, rtol=1e-10, atol=1e-10)
+
+
+def test_naive_float32_matches_fast():
+    token_logp, trans_logp = random_dag(3, 8, [8, 6, 4], 3)
+    gl, tl = torch.tensor([8, 6, 4]), torch.tensor([3, 2, 3])
+    naive = naive_dag_log_likelihood(token_logp.float(), trans_logp.float(), gl, tl)
+    fast = dag_log_likelihood(token_logp.float(), trans_logp.float(), gl, tl)
+    assert naive.dtype == torch.float32
+    torch.testing.assert_close(naive, fast, rtol=1e-5, atol=1e-5)
+
+
+def test_make_dag_inputs_is_a_valid_ragged_dag():
+    token_logp, trans_logp, graph_lens, target_lens = make_dag_inputs(8, 6, 20, seed=3)
+    assert token_logp.shape == (8, 20, 6) and trans_logp.shape == (8, 20, 20)
+    assert int(graph_lens[0]) == 20 and int(target_lens[0]) == 6
+    assert (graph_lens < 20).any()  # ragged
+    assert (target_lens >= 1).all() and (target_lens <= graph_lens).all()
+    assert (token_logp <= 0).all() and torch.isfinite(token_logp).all()
+    k = torch.arange(20).view(20, 1)
+    j = torch.arange(20).view(1, 20)
+    for b in range(8):
+        Lb = int(graph_lens[b])
+        valid = (k < j) & (j < Lb)
+        assert torch.isneginf(trans_logp[b][~valid]).all()
+        assert torch.isfinite(trans_logp[b][valid]).all()
+        row_lse = torch.logsumexp(trans_logp[b, : Lb - 1], dim=1)
+        torch.testing.assert_close(row_lse, torch.zeros(Lb - 1), atol=1e-5, rtol=0)
+
+
+def test_run_dag_benchmark_tiny():
+    result = run_dag_benchmark(
+        batch_size=2, target_len=4, graph_len=12, repeats=1, warmup=0, seed=1
+    )
+    for key in ("forward_ms", "forward_backward_ms"):
+        for name in ("naive", "codat"):
+            assert math.isfinite(result[key][name]) and result[key][name] > 0
+    for key in ("forward_speedup", "forward_backward_speedup"):
+        assert math.isfinite(result[key]) and result[key] > 0
+    for key in (
+        "max_abs_diff_value",
+        "max_abs_diff_grad_token_logp",
+        "max_abs_diff_grad_trans_logp",
+    ):
+        assert 0 <= result[key] <= 1e-4
+    assert (result["batch_size"], result["target_len"], result["graph_len"]) == (2, 4, 12)
+    json.dumps(result)  # serialisable as it is
+
+    report = format_dag_report(result)
+    assert "speed-up" in report
+    assert f"{result['forward_backward_speedup']:.2f}x" in report
+    assert "B=2" in report and "N=4" in report and "L=12" in report and "device=cpu" in report
+
+
+def test_main_dag_prints_report_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "dag.json"
+    argv = ["--batch-size", "2", "--target-len", "3", "--graph-len", "8", "--repeats", "1"]
+    argv += ["--warmup", "0", "--json", str(path)]
+    assert main_dag(argv) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "forward+backward" in printed
+    saved = json.loads(path.read_text())
+    assert saved["graph_len"] == 8 and saved["repeats"] == 1
+    assert saved["max_abs_diff_value"] <= 1e-4

@@ -1,0 +1,139 @@
+"""codat.objectives against float64 references written from the definitions (method.md §2.4, §3).
+
+Compared: `gather_token_logp` with log_softmax(logits.double()).gather(...) read at [b, j, i] =
+log P(y_i | v_j) (float32 output, also from bfloat16 logits); `dag_nll` with
+-(mean_b ll_b / N_b), ll_b by explicit enumeration of all paths 0 = a_0 < ... < a_{N_b-1} = L_b - 1
+(local brute force, float64, L <= 7), sentences with L_b < N_b contributing exactly 0 and counted
+as invalid, and its autograd gradient with the gradient of the brute-force loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from codat.objectives import dag_nll, gather_token_logp
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+NEG_INF = float("-inf")
+
+
+def _ragged_dag(graph_lens: list[int], L: int, N: int, seed: int):
+    """float64 token_logp (B, L, N) and forward-only, row-normalised trans_logp (B, L, L)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(graph_lens)
+    token = torch.log_softmax(2 * torch.randn(B, L, N, generator=g, dtype=torch.float64), dim=1)
+    trans = torch.full((B, L, L), NEG_INF, dtype=torch.float64)
+    for b, Lb in enumerate(graph_lens):
+        for u in range(Lb - 1):
+            trans[b, u, u + 1 : Lb] = torch.log_softmax(
+                2 * torch.randn(Lb - u - 1, generator=g, dtype=torch.float64), dim=0
+            )
+    return token, trans
+
+
+def _brute_ll(token: torch.Tensor, trans: torch.Tensor, Lb: int, Nb: int) -> torch.Tensor:
+    """log sum over paths of exp(sum_i token[a_i, i] + sum_i trans[a_i, a_{i+1}]); -inf if none."""
+    scores = []
+    if Nb >= 2 and Lb >= Nb:
+        for mid in itertools.combinations(range(1, Lb - 1), Nb - 2):
+            a = (0, *mid, Lb - 1)
+            s = sum(token[j, i] for i, j in enumerate(a))
+            s = s + sum(trans[u, v] for u, v in itertools.pairwise(a))
+            scores.append(s)
+    if not scores:
+        return torch.tensor(NEG_INF, dtype=torch.float64)
+    return torch.logsumexp(torch.stack(scores), dim=0)
+
+
+def test_gather_token_logp_equals_float64_log_softmax_gather():
+    logits = 3 * torch.randn(2, 5, 11)
+    tgt = torch.tensor([[2, 7, 7, 3], [2, 10, 3, 0]])
+    got = gather_token_logp(logits, tgt)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert got.shape == (2, 5, 4) and got.dtype == torch.float32
+    for b, j, i in itertools.product(range(2), range(5), range(4)):
+        assert math.isclose(float(got[b, j, i]), float(ref[b, j, tgt[b, i]]), abs_tol=1e-5)
+
+
+def test_gather_token_logp_float32_from_bfloat16_logits():
+    logits = (3 * torch.randn(2, 4, 9)).to(torch.bfloat16)
+    tgt = torch.tensor([[1, 8, 5], [0, 2, 2]])
+    got = gather_token_logp(logits, tgt)
+    assert got.dtype == torch.float32
+    ref = torch.log_softmax(logits.double(), dim=-1).gather(-1, tgt.unsqueeze(1).expand(2, 4, 3))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_token_logp_gradient_matches_float64():
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    tgt = torch.tensor([[1, 4], [6, 6]])
+    w = torch.randn(2, 3, 2, dtype=torch.float64)
+    (gather_token_logp(logits, tgt).double() * w).sum().backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = torch.log_softmax(ref_logits, -1).gather(-1, tgt.unsqueeze(1).expand(2, 3, 2))
+    (ref * w).sum().backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dag_nll_equals_length_normalised_brute_force_with_invalid_zeroed():
+    L, N = 7, 5
+    graph_lens = [7, 4, 6, 3, 5, 2]
+    target_lens = [5, 5, 3, 3, 2, 4]  # sentences 1 and 5 have L_b < N_b: invalid
+    token, trans = _ragged_dag(graph_lens, L, N, seed=3)
+    token.requires_grad_(True)
+    trans.requires_grad_(True)
+    loss, per, invalid = dag_nll(token, trans, torch.tensor(graph_lens), torch.tensor(target_lens))
+    assert invalid == 2
+    lls = [
+        _brute_ll(token[b], trans[b], Lb, Nb)
+        for b, (Lb, Nb) in enumerate(zip(graph_lens, target_lens, strict=True))
+    ]
+    terms = [
+        torch.zeros((), dtype=torch.float64) if not math.isfinite(float(ll.detach())) else -ll / Nb
+        for ll, Nb in zip(lls, target_lens, strict=True)
+    ]
+    ref = torch.stack(terms).mean()  # divided by B = 6, invalid ones included
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(per, torch.stack(terms).detach(), rtol=1e-10, atol=1e-10)
+    assert per[1] == 0 and per[5] == 0
+    assert not per.requires_grad
+
+    g_token, g_trans = torch.autograd.grad(loss, (token, trans))
+    r_token, r_trans = torch.autograd.grad(ref, (token, trans))
+    torch.testing.assert_close(g_token, r_token, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(g_trans, r_trans, rtol=1e-9, atol=1e-10)
+    for b in (1, 5):  # invalid sentences get exactly zero gradient
+        assert torch.count_nonzero(g_token[b]) == 0 and torch.count_nonzero(g_trans[b]) == 0
+
+
+def test_dag_nll_all_invalid_is_zero_and_finite():
+    token, trans = _ragged_dag([2, 3], 3, 4, seed=4)
+    token.requires_grad_(True)
+    loss, per, invalid = dag_nll(token, trans, torch.tensor([2, 3]), torch.tensor([4, 4]))
+    assert invalid == 2 and float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.count_nonzero(token.grad) == 0
+
+
+def test_dag_nll_float32_matches_float64():
+    graph_lens, target_lens = [7, 5, 6], [4, 5, 2]
+    token, trans = _ragged_dag(graph_lens, 7, 5, seed=5)
+    args = (torch.tensor(graph_lens), torch.tensor(target_lens))
+    loss64, _, _ = dag_nll(token, trans, *args)
+    loss32, _, _ = dag_nll(token.float(), trans.float(), *args)
+    assert loss32.dtype == torch.float32
+    assert math.isclose(float(loss32), float(loss64), rel_tol=1e-5, abs_tol=1e-6)
