@@ -68,7 +68,8 @@ def dag_log_likelihood(
     """log P(Y | X) = log sum over all paths a of prod_i P(y_i | v_{a_i}) prod_i P(a_{i+1} | a_i).
 
     Forward algorithm (CoDAT eq. (3)): alpha_0 = e_0 * M[0, 0] and
-    alpha_t[j] = M[j, t] + log sum_k exp(alpha_{t-1}[k] + E[k, j]), answered at alpha_{N_b-1}[L_b-1].
+    alpha_t[j] = M[j, t] + log sum_k exp(alpha_{t-1}[k] + E[k, j]);
+    the answer is alpha_{N_b-1}[L_b-1].
     The inner sum is a log-space matrix product: exp(alpha - max) @ exp(E - colmax), one batched
     matmul per target step, so autograd keeps O(B * L) per step instead of a (B, L, L) tensor.
     Sentences with no path (L_b < N_b) get -inf and zero gradients.

@@ -112,8 +112,9 @@ def joint_viterbi_path(
     """The path maximising (sum of its transition and vertex token scores) / (#edges)^beta.
 
     Joint-Viterbi (Shao et al. 2022): delta_1[j] = s_0 + E[0, j] + s_j,
-    delta_{t+1}[j] = max_k delta_t[k] + E[k, j] + s_j; pick t* = argmax_t delta_t[L_b-1] / t^beta and
-    backtrack. Every vertex of the path, both ends included, adds its token score.
+    delta_{t+1}[j] = max_k delta_t[k] + E[k, j] + s_j;
+    pick t* = argmax_t delta_t[L_b-1] / t^beta and backtrack.
+    Every vertex of the path, both ends included, adds its token score.
     Returns the vertex path (B, T), its validity mask and the normalised score.
     """
     B, L = vertex_logp.shape

@@ -1,4 +1,4 @@
-"""torchrun/DDP plumbing: read the launcher's environment, set up and tear down the process group."""
+"""torchrun/DDP plumbing: read the launcher's environment, set up and tear down the group."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def prepare(
         splits[pathlib.Path(t).name] = t
     texts = {name: read_pair(prefix, src, tgt) for name, prefix in splits.items()}
     train_src, train_tgt, _ = texts["train"]
-    nonempty = [(s, t) for s, t in zip(train_src, train_tgt) if s and t]
+    nonempty = [(s, t) for s, t in zip(train_src, train_tgt, strict=True) if s and t]
     if not nonempty:
         raise PrepareError(f"{find_file(train, src)}: no non-empty sentence pairs")
 
@@ -119,14 +119,14 @@ def prepare(
         )
         sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
         meta = {"src_lang": src, "tgt_lang": tgt, "vocab_size": sp.get_piece_size(), "splits": {}}
-        for name, (s_lines, t_lines, tgt_path) in texts.items():
+        for name, (s_lines, t_lines, _) in texts.items():
             data = ParallelData(
                 [torch.tensor(x, dtype=torch.int32) for x in sp.encode(s_lines)],
                 [torch.tensor(x, dtype=torch.int32) for x in sp.encode(t_lines)],
             )
             info = {"lines": len(data)}
             if name == "train":
-                empty = torch.tensor([not (s and t) for s, t in zip(s_lines, t_lines)])
+                empty = torch.tensor([not (s and t) for s, t in zip(s_lines, t_lines, strict=True)])
                 ok = (
                     data.trainable_mask(upsample_scale=upsample_scale, max_ratio=max_ratio) & ~empty
                 )
