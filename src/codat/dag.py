@@ -70,35 +70,73 @@ def dag_log_likelihood(
     Forward algorithm (CoDAT eq. (3)): alpha_0 = e_0 * M[0, 0] and
     alpha_t[j] = M[j, t] + log sum_k exp(alpha_{t-1}[k] + E[k, j]);
     the answer is alpha_{N_b-1}[L_b-1].
-    The inner sum is a log-space matrix product: exp(alpha - max) @ exp(E - colmax), one batched
-    matmul per target step, so autograd keeps O(B * L) per step instead of a (B, L, L) tensor.
-    Sentences with no path (L_b < N_b) get -inf and zero gradients.
+    The inner sum is a log-space matrix product, exp(alpha - max) @ exp(E - colmax): one batched
+    mat-vec per target step. The backward pass runs the reverse recurrence on (B, L) vectors and
+    forms the whole transition gradient in one batched matmul, so memory is O(B * (L^2 + N * L)).
+    Sentences with no path (L_b < N_b, or only -inf paths) get -inf and zero gradients.
     """
     _check_dag_args(token_logp, trans_logp, graph_lens, target_lens)
-    B, L, N = token_logp.shape
     dtype = torch.float64 if token_logp.dtype == torch.float64 else torch.float32
-    token_logp = token_logp.to(dtype)
-    trans_logp = trans_logp.to(dtype)
-    # Column-wise stabiliser: exp(E - colmax) has a 1 in every reachable column.
-    col_max = _finite_or_zero(trans_logp.amax(dim=1))  # (B, L)
-    trans_exp = (trans_logp - col_max.unsqueeze(1)).exp()  # (B, L, L) in [0, 1]
-    first = torch.zeros(L, dtype=torch.bool, device=token_logp.device)
-    first[0] = True
-    alpha = token_logp[:, :, 0].masked_fill(~first, NEG_INF)  # (B, L)
-    last = (graph_lens - 1).long().unsqueeze(1)  # (B, 1)
-    at_last = [alpha.gather(1, last)]
-    for t in range(1, N):
-        m = _finite_or_zero(alpha.amax(dim=1, keepdim=True))  # (B, 1)
-        # Full-width product on purpose: slicing trans_exp per step makes autograd allocate a
-        # zero (B, L, L) gradient per step, which cost more than the skipped multiply-adds.
-        p = (alpha - m).exp().unsqueeze(1)  # (B, 1, L); unreachable vertices give 0
-        s = torch.bmm(p, trans_exp).squeeze(1)  # (B, L)
-        alpha = safe_log(s) + m + col_max + token_logp[:, :, t]
-        at_last.append(alpha.gather(1, last))
-    scores = torch.cat(at_last, dim=1)  # (B, N)
-    result = scores.gather(1, (target_lens - 1).long().unsqueeze(1)).squeeze(1)
-    # A sentence whose every path scores -inf must pass no gradient back (not even finite parts).
-    return torch.where(torch.isfinite(result), result, torch.full_like(result, NEG_INF))
+    return _ForwardDP.apply(
+        token_logp.to(dtype), trans_logp.to(dtype), graph_lens.long(), target_lens.long()
+    )
+
+
+class _ForwardDP(torch.autograd.Function):
+    """Forward algorithm with a hand-written backward (method.md §3 alpha/beta, in scaled space)."""
+
+    @staticmethod
+    def forward(ctx, token_logp, trans_logp, graph_lens, target_lens):  # noqa: D102
+        B, L, N = token_logp.shape
+        rows = torch.arange(B, device=token_logp.device)
+        last = graph_lens - 1
+        # Column-wise stabiliser: exp(E - colmax) has a 1 in every reachable column.
+        col_max = _finite_or_zero(trans_logp.amax(dim=1))  # (B, L)
+        trans_exp = (trans_logp - col_max.unsqueeze(1)).exp()  # (B, L, L) in [0, 1]
+        alpha = torch.full((B, L), NEG_INF, dtype=token_logp.dtype, device=token_logp.device)
+        alpha[:, 0] = token_logp[:, 0, 0]
+        at_last = [alpha[rows, last]]
+        p_all = token_logp.new_zeros(B, max(N - 1, 0), L)  # p_t = exp(alpha_{t-1} - m_t)
+        s_all = token_logp.new_zeros(B, max(N - 1, 0), L)  # s_t = p_t @ exp(E - colmax)
+        for t in range(1, N):
+            m = _finite_or_zero(alpha.amax(dim=1, keepdim=True))  # (B, 1)
+            p = (alpha - m).exp()  # (B, L); unreachable vertices give 0
+            s = torch.bmm(p.unsqueeze(1), trans_exp).squeeze(1)  # (B, L)
+            alpha = safe_log(s) + m + col_max + token_logp[:, :, t]
+            p_all[:, t - 1], s_all[:, t - 1] = p, s
+            at_last.append(alpha[rows, last])
+        result = torch.stack(at_last, dim=1)[rows, target_lens - 1]  # (B,)
+        ctx.save_for_backward(trans_exp, p_all, s_all, graph_lens, target_lens, result)
+        ctx.token_shape = (B, L, N)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        trans_exp, p_all, s_all, graph_lens, target_lens, result = ctx.saved_tensors
+        B, L, N = ctx.token_shape
+        rows = torch.arange(B, device=grad_out.device)
+        last = graph_lens - 1
+        # A -inf result passes no gradient (and must not: its paths all have probability 0).
+        grad_out = torch.where(torch.isfinite(result), grad_out, torch.zeros_like(grad_out))
+        grad_token = torch.zeros(B, L, N, dtype=trans_exp.dtype, device=trans_exp.device)
+        grad_s_all = torch.zeros_like(s_all)  # dZ/ds_t
+        d_alpha = torch.zeros(B, L, dtype=trans_exp.dtype, device=trans_exp.device)
+        trans_exp_t = trans_exp.transpose(1, 2)
+        for t in range(N - 1, -1, -1):
+            ends_here = target_lens - 1 == t
+            d_alpha[rows, last] += torch.where(ends_here, grad_out, torch.zeros_like(grad_out))
+            grad_token[:, :, t] = d_alpha
+            if t == 0:
+                break
+            s = s_all[:, t - 1]
+            ds = torch.where(s > 0, d_alpha / torch.where(s > 0, s, torch.ones_like(s)), 0.0)
+            grad_s_all[:, t - 1] = ds
+            dp = torch.bmm(ds.unsqueeze(1), trans_exp_t).squeeze(1)  # (B, L)
+            d_alpha = dp * p_all[:, t - 1]
+        grad_token[:, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
+        # dZ/dE[k, j] = exp(E - colmax)[k, j] * sum_t p_t[k] * ds_t[j]: one batched matmul.
+        grad_trans = trans_exp * torch.bmm(p_all.transpose(1, 2), grad_s_all)
+        return grad_token, grad_trans, None, None
 
 
 @torch.no_grad()
