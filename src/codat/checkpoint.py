@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 import torch
+import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -83,3 +84,58 @@ def load_optimizer(path: str | pathlib.Path, optimizer: torch.optim.Optimizer, d
         if "step" in entry and torch.is_tensor(entry["step"]):
             entry["step"] = entry["step"].cpu()
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def average_checkpoints(paths: list[pathlib.Path], out: str | pathlib.Path) -> None:
+    """Write a checkpoint whose weights are the element-wise mean of `paths` (same config)."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    models = {
+        json.dumps(yaml.safe_load((pathlib.Path(p) / "config.yaml").read_text())["model"])
+        for p in paths
+    }
+    if len(models) != 1:
+        raise ValueError(f"checkpoints have different model configs: {[str(p) for p in paths]}")
+    total: dict[str, torch.Tensor] = {}
+    for p in paths:
+        for key, value in load_file(str(pathlib.Path(p) / "model.safetensors")).items():
+            total[key] = total[key] + value.double() if key in total else value.double()
+    averaged = {k: (v / len(paths)).to(torch.float32) for k, v in total.items()}
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(averaged, str(tmp / "model.safetensors"))
+        shutil.copy(pathlib.Path(paths[0]) / "config.yaml", tmp / "config.yaml")
+        shutil.copy(pathlib.Path(paths[0]) / "spm.model", tmp / "spm.model")
+        (tmp / "averaged_from.json").write_text(json.dumps([str(p) for p in paths], indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main_average(argv: list[str] | None = None) -> int:
+    """`codat average RUN_DIR [--out DIR]`: average the kept best checkpoints of a run."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="codat average", description=main_average.__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output checkpoint dir (default RUN_DIR/averaged)")
+    a = p.parse_args(argv)
+    run = pathlib.Path(a.run_dir)
+    state_file = run / "last" / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} not found: is {run} a codat run directory?")
+    best = json.loads(state_file.read_text())["best"]
+    paths = [run / "checkpoints" / name for _, _, name in best]
+    missing = [str(x) for x in paths if not (x / "model.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing checkpoints: {missing}")
+    out = pathlib.Path(a.out) if a.out else run / "averaged"
+    average_checkpoints(paths, out)
+    scores = [round(b[0], 2) for b in best]
+    print(f"averaged {len(paths)} checkpoints (valid BLEU {scores}) -> {out}")
+    return 0

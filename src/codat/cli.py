@@ -47,10 +47,17 @@ def _generate(argv: list[str]) -> int:
     return main(argv)
 
 
+def _average(argv: list[str]) -> int:
+    from codat.checkpoint import main_average
+
+    return main_average(argv)
+
+
 COMMANDS = {
     "prepare": (_prepare, "raw parallel text -> sentencepiece model + id tensors"),
     "train": (_train, "train a DA-Transformer from a YAML config"),
     "generate": (_generate, "translate a file or stdin with a trained run"),
+    "average": (_average, "average the kept best checkpoints of a run into one"),
     "score": (_score, "corpus sacreBLEU of a hypothesis file against a reference file"),
     "benchmark": (_benchmark, "benchmark dag: time the DP against the dense DAT-style reference"),
 }
