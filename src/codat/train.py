@@ -14,7 +14,7 @@ import math
 import pathlib
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import sacrebleu
 import sentencepiece as spm
@@ -92,36 +92,48 @@ def dat_loss(
     return loss, stats
 
 
-def evaluate(
-    core: DATransformer,
-    data: ParallelData,
-    refs: list[str],
-    sp: spm.SentencePieceProcessor,
-    cfg: RunConfig,
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager,
-) -> dict:
-    """Validation DP loss (no glancing) and sacreBLEU of the configured decoder."""
-    core.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for idx in token_batches(
-            torch.maximum(data.src_lens, data.tgt_lens),
-            max_tokens=cfg.train.max_tokens,
-            shuffle=False,
-        ):
-            b = data.collate(idx).to(device)
-            with autocast:
-                out = core(b.src_ids, b.src_lens)
-            tok = gather_token_logp(out.token_logits, b.tgt_ids)
-            _, per, _ = dag_nll(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
-            total, count = total + float(per.sum()), count + len(idx)
-        with autocast:
-            hyp_ids = translate_ids(core, data.src, cfg.decode, device=device)
-    core.train()
-    hyps = [sp.decode(h) for h in hyp_ids]
-    bleu = sacrebleu.corpus_bleu(hyps, [refs])
-    return {"valid_loss": total / max(count, 1), "valid_bleu": bleu.score, "hyp_example": hyps[0]}
+@dataclass(frozen=True)
+class Validation:
+    """What validation needs: the split, its raw references and the tokenizer."""
+
+    data: ParallelData
+    refs: list[str]
+    sp: spm.SentencePieceProcessor
+    spm_path: pathlib.Path
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+
+    @classmethod
+    def load(cls, cfg: RunConfig, device: torch.device, autocast) -> Validation:
+        spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
+        data = ParallelData.load(cfg.data.dir, cfg.data.valid_split)
+        refs_path = pathlib.Path(cfg.data.dir) / f"{cfg.data.valid_split}.ref.txt"
+        refs = refs_path.read_text(encoding="utf-8").splitlines()
+        if cfg.train.eval_max_sentences > 0:
+            n = cfg.train.eval_max_sentences
+            data, refs = ParallelData(data.src[:n], data.tgt[:n]), refs[:n]
+        sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+        return cls(data, refs, sp, spm_path, device, autocast)
+
+    def evaluate(self, core: DATransformer, cfg: RunConfig) -> dict:
+        """Validation DP loss (no glancing) and sacreBLEU of the configured decoder."""
+        core.eval()
+        total, count = 0.0, 0
+        sizes = torch.maximum(self.data.src_lens, self.data.tgt_lens)
+        with torch.no_grad():
+            for idx in token_batches(sizes, max_tokens=cfg.train.max_tokens, shuffle=False):
+                b = self.data.collate(idx).to(self.device)
+                with self.autocast:
+                    out = core(b.src_ids, b.src_lens)
+                tok = gather_token_logp(out.token_logits, b.tgt_ids)
+                _, per, _ = dag_nll(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
+                total, count = total + float(per.sum()), count + len(idx)
+            with self.autocast:
+                hyp_ids = translate_ids(core, self.data.src, cfg.decode, device=self.device)
+        core.train()
+        hyps = [self.sp.decode(h) for h in hyp_ids]
+        bleu = sacrebleu.corpus_bleu(hyps, [self.refs])
+        return {"valid_loss": total / max(count, 1), "valid_bleu": bleu.score, "example": hyps[0]}
 
 
 def build_model(cfg: RunConfig) -> tuple[RunConfig, DATransformer]:
@@ -153,20 +165,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
 
     cfg, core = build_model(cfg)
     core.to(device)
-    spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
-    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     train_data = ParallelData.load(cfg.data.dir, cfg.data.train_split)
     ok = train_data.trainable_mask(
         upsample_scale=cfg.model.upsample_scale, max_ratio=cfg.data.max_ratio
     )
     train_idx = ok.nonzero().squeeze(1).tolist()
-    valid_data = ParallelData.load(cfg.data.dir, cfg.data.valid_split)
-    refs_path = pathlib.Path(cfg.data.dir) / f"{cfg.data.valid_split}.ref.txt"
-    valid_refs = refs_path.read_text(encoding="utf-8").splitlines()
-    if cfg.train.eval_max_sentences > 0:
-        n = cfg.train.eval_max_sentences
-        valid_data = ParallelData(valid_data.src[:n], valid_data.tgt[:n])
-        valid_refs = valid_refs[:n]
 
     optimizer = torch.optim.AdamW(
         core.parameters(),
@@ -185,6 +188,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
         if cfg.train.bf16
         else contextlib.nullcontext()
     )
+    validation = Validation.load(cfg, device, autocast)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + dist.rank)
 
     if dist.is_main:
@@ -284,20 +288,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
             if state["step"] % cfg.train.eval_every == 0 or stop:
                 state["elapsed_s"] = time.time() - start_time
                 if dist.is_main:
-                    _eval_and_checkpoint(
-                        core,
-                        optimizer,
-                        cfg,
-                        state,
-                        valid_data,
-                        valid_refs,
-                        sp,
-                        spm_path,
-                        device,
-                        autocast,
-                        metrics,
-                        bar,
-                    )
+                    _eval_and_checkpoint(core, optimizer, cfg, state, validation, metrics, bar)
                 distributed.barrier(dist)
             if stop:
                 break
@@ -311,22 +302,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     return state
 
 
-def _eval_and_checkpoint(
-    core,
-    optimizer,
-    cfg,
-    state,
-    valid_data,
-    valid_refs,
-    sp,
-    spm_path,
-    device,
-    autocast,
-    metrics,
-    bar,
-) -> None:
+def _eval_and_checkpoint(core, optimizer, cfg, state, validation, metrics, bar) -> None:
     run_dir = pathlib.Path(cfg.run_dir)
-    result = evaluate(core, valid_data, valid_refs, sp, cfg, device, autocast)
+    result = validation.evaluate(core, cfg)
     row = {
         "step": state["step"],
         "valid_loss": round(result["valid_loss"], 4),
@@ -337,17 +315,19 @@ def _eval_and_checkpoint(
     metrics.flush()
     bar.write(
         f"step {state['step']}: valid loss {row['valid_loss']:.3f}, BLEU {row['valid_bleu']:.2f}"
-        f" | {result['hyp_example']}"
+        f" | {result['example']}"
     )
     name = f"step{state['step']}"
     best = state["best"] + [[result["valid_bleu"], state["step"], name]]
     best.sort(key=lambda e: (-e[0], -e[1]))
     keep, drop = best[: cfg.train.keep_best], best[cfg.train.keep_best :]
     if any(e[2] == name for e in keep):
-        save_checkpoint(run_dir / "checkpoints" / name, core, cfg, spm_path)
+        save_checkpoint(run_dir / "checkpoints" / name, core, cfg, validation.spm_path)
     for e in drop:
         shutil.rmtree(run_dir / "checkpoints" / e[2], ignore_errors=True)
     if keep[0][2] == name:
-        save_checkpoint(run_dir / "best", core, cfg, spm_path)
+        save_checkpoint(run_dir / "best", core, cfg, validation.spm_path)
     state["best"] = keep
-    save_checkpoint(run_dir / "last", core, cfg, spm_path, optimizer=optimizer, state=state)
+    save_checkpoint(
+        run_dir / "last", core, cfg, validation.spm_path, optimizer=optimizer, state=state
+    )
