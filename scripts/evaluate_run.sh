@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Evaluate a finished run: average its kept best checkpoints, choose between best/ and the average
+# by validation BLEU (model selection on val only), then score the test split with each decoder.
+#   usage: bash scripts/evaluate_run.sh RUN_DIR PREPARED_DATA_DIR [VALID_SPLIT] [TEST_SPLIT]
+set -euo pipefail
+run=${1:?usage: evaluate_run.sh RUN_DIR DATA_DIR [VALID_SPLIT] [TEST_SPLIT]}
+data=${2:?usage: evaluate_run.sh RUN_DIR DATA_DIR [VALID_SPLIT] [TEST_SPLIT]}
+valid=${3:-val}
+test=${4:-test_2016_flickr}
+out="$run/eval"
+mkdir -p "$out"
+codat average "$run"
+bleu() { codat score "$1" "$2" | head -1 | sed -E 's/.*= ([0-9.]+) .*/\1/'; }
+best_bleu=-1
+for ckpt in best averaged; do
+  codat generate "$run/$ckpt" -i "$data/$valid.src.txt" -o "$out/$valid.$ckpt.hyp" --decoder lookahead
+  b=$(bleu "$out/$valid.$ckpt.hyp" "$data/$valid.ref.txt")
+  echo "valid BLEU ($ckpt, lookahead): $b"
+  if python3 -c "import sys; sys.exit(0 if float('$b') > float('$best_bleu') else 1)"; then
+    best_bleu=$b; chosen=$ckpt
+  fi
+done
+echo "chosen on $valid: $chosen"
+for decoder in lookahead greedy viterbi; do
+  hyp="$out/$test.$chosen.$decoder.hyp"
+  start=$(date +%s.%N)
+  codat generate "$run/$chosen" -i "$data/$test.src.txt" -o "$hyp" --decoder "$decoder"
+  secs=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+  echo "== $test, $chosen checkpoint, $decoder decoder (${secs}s incl. model load)"
+  codat score "$hyp" "$data/$test.ref.txt"
+done
