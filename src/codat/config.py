@@ -30,6 +30,8 @@ class ModelConfig:
     max_graph_positions: int = 2048
 
     def __post_init__(self) -> None:
+        if self.dim <= 0 or self.heads <= 0:
+            raise ValueError(f"model.dim={self.dim} and model.heads={self.heads} must be > 0")
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if self.upsample_scale < 1:
@@ -124,8 +126,14 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None:
+        raise ValueError(f"config key '{name}' needs a value")
     try:
         if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):
+                value = float(value)  # YAML reads 1e5 as a string
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
@@ -136,10 +144,14 @@ def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
+            if value not in (0, 1):
+                raise ValueError
             return bool(value)
         if kind == "str":
             return str(value)
         if kind.startswith("tuple"):
+            if isinstance(value, str) or len(value) != kind.count(",") + 1:
+                raise ValueError
             return tuple(float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"config key '{name}': cannot use {value!r} as {kind}") from None

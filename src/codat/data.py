@@ -160,4 +160,8 @@ def read_meta(data_dir: str | pathlib.Path) -> dict:
 def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     """Every rank gets the same number of batches (the tail that does not divide is dropped)."""
     per_rank = math.floor(len(batches) / world)
+    if world > 1 and per_rank == 0:
+        raise ValueError(
+            f"{len(batches)} batches cannot feed {world} ranks: lower train.max_tokens"
+        )
     return batches[rank * per_rank : (rank + 1) * per_rank] if world > 1 else batches

@@ -98,13 +98,19 @@ def prepare(
 ) -> dict:
     """Build the prepared directory; returns its meta data (also written as meta.json)."""
     out_dir = pathlib.Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"output path {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise PrepareError(f"output directory {out_dir} exists and is not empty (use --force)")
     splits = {"train": train}
-    if valid:
-        splits[pathlib.Path(valid).name] = valid
-    for t in tests:
-        splits[pathlib.Path(t).name] = t
+    for prefix in ([valid] if valid else []) + list(tests):
+        name = pathlib.Path(prefix).name
+        if name in splits:
+            raise PrepareError(
+                f"two splits would both be named '{name}' ({splits[name]} and {prefix}): "
+                "the split name is the prefix's base name and must be unique"
+            )
+        splits[name] = prefix
     texts = {name: read_pair(prefix, src, tgt) for name, prefix in splits.items()}
     train_src, train_tgt, _ = texts["train"]
     nonempty = [(s, t) for s, t in zip(train_src, train_tgt, strict=True) if s and t]
@@ -114,9 +120,13 @@ def prepare(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        train_sentencepiece(
-            [s for s, _ in nonempty] + [t for _, t in nonempty], tmp / "spm", vocab_size
-        )
+        try:
+            sentences = [s for s, _ in nonempty] + [t for _, t in nonempty]
+            train_sentencepiece(sentences, tmp / "spm", vocab_size)
+        except RuntimeError as e:
+            raise PrepareError(
+                f"sentencepiece failed with --vocab-size {vocab_size}: {e}"
+            ) from None
         sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
         meta = {"src_lang": src, "tgt_lang": tgt, "vocab_size": sp.get_piece_size(), "splits": {}}
         for name, (s_lines, t_lines, _) in texts.items():

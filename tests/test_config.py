@@ -1,0 +1,234 @@
+"""`codat.config`: YAML + `key=value` overrides -> frozen, validated RunConfig.
+
+Checks that overrides are applied and typed, that unknown keys (in the YAML or in an override) and
+values of the wrong type raise ValueError naming the key, that model validation runs, that
+save_config/load_config round-trips, and that the configs shipped in configs/ load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+
+from codat.config import (
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    save_config,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+BASE_YAML = """\
+run_dir: runs/test
+data:
+  dir: data-bin/x
+model:
+  dim: 64
+  heads: 2
+  encoder_layers: 1
+train:
+  lr: 5.0e-4
+  betas: [0.9, 0.98]
+  bf16: true
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path) -> pathlib.Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE_YAML)
+    return path
+
+
+def test_yaml_values_and_defaults(cfg_file):
+    cfg = load_config(cfg_file)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.run_dir == "runs/test"
+    assert cfg.data.dir == "data-bin/x"
+    assert (cfg.model.dim, cfg.model.heads, cfg.model.encoder_layers) == (64, 2, 1)
+    assert cfg.model.decoder_layers == ModelConfig().decoder_layers  # default kept
+    assert cfg.train.lr == 5e-4
+    assert cfg.train.betas == (0.9, 0.98)
+    assert cfg.train.bf16 is True
+
+
+def test_overrides_replace_values_with_the_right_types(cfg_file):
+    cfg = load_config(cfg_file, ["train.lr=1e-3", "model.dim=128", "model.heads=4"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.model.dim == 128 and isinstance(cfg.model.dim, int)
+    assert cfg.model.heads == 4
+    assert cfg.model.encoder_layers == 1  # untouched keys survive
+
+
+def test_overrides_can_add_sections_and_top_level_keys(cfg_file):
+    cfg = load_config(
+        cfg_file, ["decode.decoder=viterbi", "run_dir=runs/other", "train.bf16=false"]
+    )
+    assert cfg.decode.decoder == "viterbi"
+    assert cfg.run_dir == "runs/other"
+    assert cfg.train.bf16 is False
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    values = {"model": {"dim": 64}, "run_dir": "a"}
+    out = apply_overrides(values, ["model.dim=32", "train.lr=0.1"])
+    assert values == {"model": {"dim": 64}, "run_dir": "a"}
+    assert out == {"model": {"dim": 32}, "run_dir": "a", "train": {"lr": 0.1}}
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  dimm: 64\n")
+    with pytest.raises(ValueError, match=r"model\.dimm") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_section_in_yaml_names_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle:\n  dim: 64\n")
+    with pytest.raises(ValueError, match="modle"):
+        load_config(path)
+
+
+def test_unknown_override_key_names_it(cfg_file):
+    with pytest.raises(ValueError, match=r"train\.learning_rate"):
+        load_config(cfg_file, ["train.learning_rate=1e-3"])
+
+
+def test_override_without_equals_sign_raises(cfg_file):
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(cfg_file, ["train.lr"])
+
+
+def test_override_into_a_scalar_raises(cfg_file):
+    with pytest.raises(ValueError, match="run_dir"):
+        load_config(cfg_file, ["run_dir.x=1"])
+
+
+def test_section_given_a_scalar_raises(cfg_file):
+    with pytest.raises(ValueError, match="'model' must be a mapping"):
+        load_config(cfg_file, ["model=3"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=2.5", "train.max_steps"),
+        ("train.lr=fast", "train.lr"),
+        ("train.bf16=maybe", "train.bf16"),
+        ("train.betas=0.9", "train.betas"),
+        ("model.dim=[1, 2]", "model.dim"),
+    ],
+)
+def test_bad_type_names_the_key(cfg_file, override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(cfg_file, [override])
+
+
+def test_integral_float_is_accepted_for_an_int(cfg_file):
+    assert load_config(cfg_file, ["train.max_steps=2000.0"]).train.max_steps == 2000
+
+
+def test_dim_not_divisible_by_heads_raises(cfg_file):
+    with pytest.raises(ValueError, match="not divisible"):
+        load_config(cfg_file, ["model.dim=100", "model.heads=3"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.upsample_scale=0.5", "upsample_scale"),
+        ("model.dropout=1.0", "dropout"),
+        ("train.update_freq=0", "update_freq"),
+        ("train.glance_start=1.5", "glance"),
+        ("train.max_tokens=8", "max_tokens"),
+    ],
+)
+def test_validation_errors_name_the_field(cfg_file, override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(cfg_file, [override])
+
+
+def test_zero_heads_raises_value_error(cfg_file):
+    with pytest.raises(ValueError, match="heads"):
+        load_config(cfg_file, ["model.heads=0"])
+
+
+def test_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_raises_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [dim: 1\n")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        load_config(path)
+
+
+def test_empty_yaml_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == RunConfig()
+
+
+def test_config_is_frozen(cfg_file):
+    cfg = load_config(cfg_file)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.dim = 1  # type: ignore[misc]
+
+
+def test_save_load_round_trip_equals_the_original(tmp_path, cfg_file):
+    cfg = load_config(cfg_file, ["train.lr=1e-3", "model.dim=128", "model.heads=4"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_save_load_round_trip_of_the_defaults(tmp_path):
+    save_config(RunConfig(), tmp_path / "d.yaml")
+    back = load_config(tmp_path / "d.yaml")
+    assert back == RunConfig()
+    assert isinstance(back.train.betas, tuple)
+
+
+def test_config_from_dict_of_none_gives_the_defaults():
+    assert config_from_dict(None) == RunConfig()  # type: ignore[arg-type]
+
+
+def test_shipped_small_multi30k_config_loads():
+    cfg = load_config(REPO / "configs" / "multi30k_deen_dat_small.yaml")
+    assert cfg.model.dim % cfg.model.heads == 0
+    assert cfg.model.dim == 256 and cfg.model.upsample_scale == 4.0
+    assert cfg.train.bf16 is True
+    assert cfg.run_dir == "runs/m30k_deen_dat_small"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.dir=", "data.dir"),
+        ("train.betas=[0.9]", "train.betas"),
+        ("train.max_steps=true", "train.max_steps"),
+        ("train.bf16=2", "train.bf16"),
+    ],
+)
+def test_loose_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key):
+        config_from_dict(apply_overrides({}, [override]))
+
+
+def test_integer_in_exponent_notation_is_accepted():
+    assert config_from_dict(apply_overrides({}, ["train.max_steps=1e5"])).train.max_steps == 100000

@@ -1,0 +1,346 @@
+"""`codat prepare` on a tiny synthetic corpus written into tmp_path.
+
+Checks the happy path (output files, split sizes, ids that decode back to the normalised text,
+gzipped and plain inputs), the dropping and counting of empty and untrainable training pairs, and
+that every input error raises PrepareError naming the file (and line) while leaving neither an
+output directory nor a temporary directory behind. Also drives `codat.cli.main(['prepare', ...])`
+for its exit codes and printed counts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pathlib
+import random
+
+import pytest
+import sentencepiece as spm
+
+from codat.cli import main as cli_main
+from codat.data import ParallelData, read_meta
+from codat.prepare import PrepareError, prepare
+from codat.prepare import main as prepare_main
+
+WORDS = "ein mann eine frau hund spielt im park mit dem ball auf der straße".split()
+LONG_TARGET = " ".join(WORDS[:12])  # 12 words: at least 12 pieces whatever BPE learns
+EMPTY_PAIRS = [("", "mann hund"), ("frau park", ""), ("   ", "  ")]  # whitespace-only is empty
+UNTRAINABLE_PAIRS = [("ein", LONG_TARGET), ("hund", LONG_TARGET)]
+
+
+def _write(path: pathlib.Path, lines: list[str], *, gz: bool = False, eol: str = "\n") -> None:
+    data = "".join(line + eol for line in lines).encode("utf-8")
+    if gz:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _sentences(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Source sentences and their word-reversed targets.
+
+    Sentencepiece never merges across spaces, so a permutation of the words has exactly as many
+    pieces as the original: ratio 1, and floor(2 * (k + 1)) >= k + 2 keeps every pair trainable at
+    upsample scale 2.
+    """
+    rng = random.Random(seed)
+    src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))) for _ in range(n)]
+    return src, [" ".join(reversed(s.split())) for s in src]
+
+
+def _corpus(root: pathlib.Path) -> dict[str, str]:
+    """raw/train.{de.gz,en} (60 good + 3 empty + 2 untrainable pairs), raw/val.{de,en.gz} with
+    CRLF line ends, raw/test.{de,en}; returns the prefixes."""
+    raw = root / "raw"
+    raw.mkdir()
+    src, tgt = _sentences(60, seed=0)
+    pairs = list(zip(src, tgt, strict=True))
+    pairs[10:10] = EMPTY_PAIRS
+    pairs[30:30] = UNTRAINABLE_PAIRS
+    _write(raw / "train.de", [s for s, _ in pairs], gz=True)
+    _write(raw / "train.en", [t for _, t in pairs])
+    vsrc, vtgt = _sentences(8, seed=1)
+    _write(raw / "val.de", vsrc, eol="\r\n")
+    _write(raw / "val.en", vtgt, gz=True, eol="\r\n")
+    tsrc, ttgt = _sentences(5, seed=2)
+    _write(raw / "test.de", tsrc)
+    _write(raw / "test.en", ttgt)
+    return {"train": str(raw / "train"), "valid": str(raw / "val"), "test": str(raw / "test")}
+
+
+def _kwargs(prefixes: dict[str, str], out: pathlib.Path, **over) -> dict:
+    kw = dict(
+        src="de",
+        tgt="en",
+        train=prefixes["train"],
+        valid=prefixes["valid"],
+        tests=[prefixes["test"]],
+        out=str(out),
+        vocab_size=60,
+        upsample_scale=2.0,
+        max_ratio=2.0,
+    )
+    kw.update(over)
+    return kw
+
+
+def _listing(d: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+@pytest.fixture
+def prefixes(tmp_path):
+    return _corpus(tmp_path)
+
+
+@pytest.fixture
+def prepared(tmp_path, prefixes):
+    out = tmp_path / "bin"
+    meta = prepare(**_kwargs(prefixes, out))
+    return out, meta
+
+
+def test_prepare_writes_complete_output_dir_and_no_temp_dirs(tmp_path, prepared):
+    out, meta = prepared
+    names = set(_listing(out))
+    expected = {
+        "spm.model",
+        "meta.json",
+        "train.safetensors",
+        "val.safetensors",
+        "val.ref.txt",
+        "val.src.txt",
+        "test.safetensors",
+        "test.ref.txt",
+        "test.src.txt",
+    }
+    assert expected <= names
+    assert not any(n.startswith(".") for n in _listing(tmp_path)), _listing(tmp_path)
+    assert read_meta(out) == meta
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    assert meta["vocab_size"] == sp.get_piece_size() <= 60
+    assert (meta["src_lang"], meta["tgt_lang"]) == ("de", "en")
+    assert set(meta["splits"]) == {"train", "val", "test"}
+
+
+def test_prepare_eval_splits_keep_every_line_with_crlf_stripped(prepared):
+    out, meta = prepared
+    for split, n in (("val", 8), ("test", 5)):
+        ref = (out / f"{split}.ref.txt").read_text("utf-8")
+        src = (out / f"{split}.src.txt").read_text("utf-8")
+        assert "\r" not in ref + src
+        assert len(ref.splitlines()) == len(src.splitlines()) == n
+        assert meta["splits"][split] == {"lines": n, "kept": n}
+        assert len(ParallelData.load(out, split)) == n
+    vsrc, vtgt = _sentences(8, seed=1)
+    assert (out / "val.ref.txt").read_text("utf-8").splitlines() == vtgt
+    assert (out / "val.src.txt").read_text("utf-8").splitlines() == vsrc
+
+
+def test_prepare_ids_decode_back_to_the_normalised_text(prepared):
+    out, _ = prepared
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    for split in ("val", "test"):
+        data = ParallelData.load(out, split)
+        ref = (out / f"{split}.ref.txt").read_text("utf-8").splitlines()
+        src = (out / f"{split}.src.txt").read_text("utf-8").splitlines()
+        assert [sp.decode(t.tolist()) for t in data.tgt] == ref
+        assert [sp.decode(s.tolist()) for s in data.src] == src
+    train = ParallelData.load(out, "train")
+    src, tgt = _sentences(60, seed=0)  # the kept pairs, in input order
+    assert [sp.decode(s.tolist()) for s in train.src] == src
+    assert [sp.decode(t.tolist()) for t in train.tgt] == tgt
+    assert all(int(x.min()) > 3 for x in train.src + train.tgt)  # no specials stored
+
+
+def test_prepare_drops_and_counts_empty_and_untrainable_train_pairs(prepared):
+    _, meta = prepared
+    assert meta["splits"]["train"] == {
+        "lines": 65,
+        "dropped_empty": 3,
+        "dropped_untrainable": 2,
+        "kept": 60,
+    }
+
+
+def test_prepare_max_ratio_alone_drops_pairs_and_zero_disables_it(tmp_path, prefixes):
+    # upsample scale 100: the graph is always large enough, so only the 1:12 length ratio can drop.
+    meta = prepare(**_kwargs(prefixes, tmp_path / "r2", upsample_scale=100.0, max_ratio=2.0))
+    assert meta["splits"]["train"]["dropped_untrainable"] == 2
+    meta = prepare(**_kwargs(prefixes, tmp_path / "r0", upsample_scale=100.0, max_ratio=0.0))
+    assert meta["splits"]["train"]["dropped_untrainable"] == 0
+    assert meta["splits"]["train"]["kept"] == 62
+
+
+def test_prepare_force_replaces_a_non_empty_output_dir(tmp_path, prefixes):
+    out = tmp_path / "bin"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    prepare(**_kwargs(prefixes, out, force=True))
+    assert not (out / "stale.txt").exists()
+    assert (out / "train.safetensors").is_file()
+    assert not any(n.startswith(".") for n in _listing(tmp_path))
+
+
+def test_prepare_accepts_an_existing_empty_output_dir(tmp_path, prefixes):
+    out = tmp_path / "bin"
+    out.mkdir()
+    prepare(**_kwargs(prefixes, out))
+    assert (out / "meta.json").is_file()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _expect_error(tmp_path: pathlib.Path, kwargs: dict, *fragments: str) -> str:
+    """prepare(**kwargs) raises PrepareError mentioning every fragment and writes nothing."""
+    before = _listing(tmp_path)
+    with pytest.raises(PrepareError) as info:
+        prepare(**kwargs)
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, (frag, msg)
+    assert _listing(tmp_path) == before
+    assert isinstance(info.value, ValueError)
+    return msg
+
+
+def test_prepare_error_is_a_value_error():
+    assert issubclass(PrepareError, ValueError)
+
+
+def test_mismatched_line_counts_name_both_files_and_counts(tmp_path, prefixes):
+    raw = tmp_path / "raw"
+    _write(raw / "val.de", _sentences(7, seed=1)[0])  # val.en.gz keeps 8 lines
+    _expect_error(
+        tmp_path,
+        _kwargs(prefixes, tmp_path / "bin"),
+        f"{raw / 'val.de'} has 7 lines",
+        f"{raw / 'val.en.gz'} has 8",
+    )
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path, prefixes):
+    raw = tmp_path / "raw"
+    lines = [s.encode() for s in _sentences(5, seed=2)[1]]
+    lines[3] = b"mann \xff\xfe hund"
+    (raw / "test.en").write_bytes(b"\n".join(lines) + b"\n")
+    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{raw / 'test.en'}:4", "UTF-8")
+
+
+def test_invalid_utf8_in_gzipped_file_names_file_and_line(tmp_path, prefixes):
+    raw = tmp_path / "raw"
+    with gzip.open(raw / "train.de.gz", "wb") as f:
+        f.write(b"ein mann\n\xc3\x28 frau\n")
+    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{raw / 'train.de.gz'}:2")
+
+
+def test_corrupt_gzip_names_the_file(tmp_path, prefixes):
+    raw = tmp_path / "raw"
+    (raw / "val.en.gz").write_bytes(b"this is not gzip data\n")
+    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), str(raw / "val.en.gz"))
+
+
+def test_missing_file_is_named(tmp_path, prefixes):
+    (tmp_path / "raw" / "test.en").unlink()
+    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{prefixes['test']}.en")
+
+
+def test_missing_file_for_an_unknown_language(tmp_path, prefixes):
+    _expect_error(
+        tmp_path, _kwargs(prefixes, tmp_path / "bin", tgt="fr"), f"{prefixes['train']}.fr"
+    )
+
+
+def test_non_empty_output_dir_without_force_is_left_untouched(tmp_path, prefixes):
+    out = tmp_path / "bin"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _expect_error(tmp_path, _kwargs(prefixes, out), str(out), "--force")
+    assert _listing(out) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_all_empty_training_data_is_an_error(tmp_path, prefixes):
+    raw = tmp_path / "raw"
+    (raw / "train.de.gz").unlink()
+    _write(raw / "train.de", ["", "  ", ""])
+    _write(raw / "train.en", ["a", "", "b"])
+    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), str(raw / "train.de"))
+
+
+def test_test_split_named_like_valid_split_does_not_replace_it(tmp_path, prefixes):
+    other = tmp_path / "other"
+    other.mkdir()
+    _write(other / "val.de", ["ein mann"])
+    _write(other / "val.en", ["mann ein"])
+    with pytest.raises(PrepareError, match="'val'"):
+        prepare(**_kwargs(prefixes, tmp_path / "bin", tests=[str(other / "val")]))
+    assert not (tmp_path / "bin").exists()
+
+
+def test_too_small_vocab_raises_prepare_error(tmp_path, prefixes):
+    with pytest.raises(PrepareError, match="vocab-size 3"):
+        prepare(**_kwargs(prefixes, tmp_path / "bin", vocab_size=3))
+    assert not (tmp_path / "bin").exists()
+
+
+def test_output_path_that_is_a_file_raises_prepare_error(tmp_path, prefixes):
+    (tmp_path / "bin").write_text("x")
+    with pytest.raises(PrepareError):
+        prepare(**_kwargs(prefixes, tmp_path / "bin"))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _argv(prefixes: dict[str, str], out: pathlib.Path) -> list[str]:
+    return [
+        "--src",
+        "de",
+        "--tgt",
+        "en",
+        "--train",
+        prefixes["train"],
+        "--valid",
+        prefixes["valid"],
+        "--test",
+        prefixes["test"],
+        "--out",
+        str(out),
+        "--vocab-size",
+        "60",
+        "--upsample-scale",
+        "2",
+        "--max-ratio",
+        "2",
+    ]
+
+
+def test_prepare_main_prints_kept_and_dropped_counts(tmp_path, prefixes, capsys):
+    assert prepare_main(_argv(prefixes, tmp_path / "bin")) == 0
+    out = capsys.readouterr().out
+    assert "train kept 60/65" in out
+    assert "dropped 3 empty, 2 untrainable" in out
+    assert "val 8" in out and "test 5" in out
+
+
+def test_cli_prepare_exits_zero_and_writes_the_directory(tmp_path, prefixes, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["prepare", *_argv(prefixes, tmp_path / "bin")])
+    assert info.value.code == 0
+    assert "dropped 3 empty, 2 untrainable" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bin" / "meta.json").read_text())["splits"]["train"]["kept"] == 60
+
+
+def test_cli_prepare_error_exits_one_with_message_on_stderr(tmp_path, prefixes, capsys):
+    (tmp_path / "raw" / "val.de").unlink()
+    before = _listing(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["prepare", *_argv(prefixes, tmp_path / "bin")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error" in err
+    assert f"{prefixes['valid']}.de" in err
+    assert _listing(tmp_path) == before
