@@ -1,0 +1,327 @@
+"""codat.distributed and DDP training on CPU (gloo), against a single process.
+
+Compared, with 2 ranks spawned by torch.multiprocessing (gloo, MASTER_ADDR 127.0.0.1, a free port,
+RANK/WORLD_SIZE/LOCAL_RANK in each child's environment, `distributed.setup(DistInfo.from_env())`)
+and the same tiny DATransformer (same seed) wrapped in DistributedDataParallel:
+
+* one step: each rank's gradient of `train.dat_loss` (ratio 0, no dropout) on its own half of a
+  fixed 4-sentence batch, after DDP's all-reduce, with the single-process gradient of
+  0.5 * (loss_half0 + loss_half1) (the mean-over-sentences loss of the concatenated batch, since
+  the halves have equal size) and with the other rank's gradient; the per-rank losses with the
+  single-process half losses; the single-process half-mean gradient also with the gradient of the
+  loss computed on the concatenated (re-padded) batch itself.
+* gradient accumulation as `train.train` does it: two micro-batches per rank, `model.no_sync()` on
+  the first, backward of loss / 2 on each; the resulting gradient (averaged over ranks by DDP) with
+  the single-process gradient of the mean loss over the 4 micro-batches.
+* `distributed.all_reduce_mean` with the mean of the ranks' values (input left unchanged) and
+  `DistInfo.from_env` inside the children with the rank each was given.
+
+`DistInfo.from_env` is also checked without RANK/WORLD_SIZE (single process: rank 0, world 1,
+is_main) and with them set. The slow test runs `torchrun --nproc_per_node=2 -m codat train` on a
+tiny prepared synthetic corpus and checks the run directory (best/ checkpoint, 4 loss rows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from codat import distributed
+from codat.config import ModelConfig
+from codat.dat import DATransformer
+from codat.data import ParallelData
+from codat.distributed import DistInfo
+from codat.train import dat_loss
+
+CFG = ModelConfig(
+    vocab_size=40,
+    dim=32,
+    heads=4,
+    ffn_dim=64,
+    encoder_layers=1,
+    decoder_layers=1,
+    upsample_scale=2.0,
+    dropout=0.0,
+)
+WORLD = 2
+MODEL_SEED = 1234
+# Sentence indices: one step (a half per rank), and two micro-batches per rank.
+STEP_HALVES = [[0, 1], [2, 3]]  # rank 0, rank 1
+ACCUM_MICRO = [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]  # rank r: [micro-batch a, micro-batch b]
+SPAWN_TIMEOUT_S = 240
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data() -> ParallelData:
+    """8 ragged pairs, ids in [4, 40) (no specials), trainable with lambda = 2."""
+    g = torch.Generator().manual_seed(7)
+    src_lens = [5, 7, 4, 6, 3, 8, 5, 6]
+    tgt_lens = [4, 6, 6, 3, 4, 9, 2, 7]  # + <s> </s> <= floor(2 * (m + 1))
+    src = [torch.randint(4, CFG.vocab_size, (n,), generator=g) for n in src_lens]
+    tgt = [torch.randint(4, CFG.vocab_size, (n,), generator=g) for n in tgt_lens]
+    data = ParallelData(src, tgt)
+    assert data.trainable_mask(upsample_scale=CFG.upsample_scale, max_ratio=0).all()
+    return data
+
+
+def _model() -> DATransformer:
+    torch.manual_seed(MODEL_SEED)
+    return DATransformer(CFG)
+
+
+def _loss(model, core, batch) -> torch.Tensor:
+    loss, stats = dat_loss(
+        model,
+        core,
+        batch,
+        ratio=0.0,
+        generator=torch.Generator().manual_seed(0),
+        autocast=contextlib.nullcontext(),
+    )
+    assert stats["invalid"] == 0
+    return loss
+
+
+def _grads(core: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in core.named_parameters()}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One DDP rank (spawned): writes its gradients and losses to out_dir/rank{rank}.pt."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    info = DistInfo.from_env()
+    distributed.setup(info)
+    try:
+        result = {"info": (info.rank, info.local_rank, info.world_size, info.is_main)}
+        value = torch.tensor([float(rank + 1), 10.0 * rank])
+        mean = distributed.all_reduce_mean(value, info)
+        result["all_reduce_mean"] = (mean, value)
+
+        data = _data()
+        core = _model()
+        model = DistributedDataParallel(core)
+
+        # One step on this rank's half of the batch.
+        loss = _loss(model, core, data.collate(STEP_HALVES[rank]))
+        loss.backward()
+        result["step_loss"] = float(loss.detach())
+        result["step_grads"] = _grads(core)
+
+        # Two micro-batches, no_sync on the first (as train.train accumulates).
+        core.zero_grad(set_to_none=True)
+        micro = ACCUM_MICRO[rank]
+        for k, idx in enumerate(micro):
+            ctx = model.no_sync() if k < len(micro) - 1 else contextlib.nullcontext()
+            with ctx:
+                (_loss(model, core, data.collate(idx)) / len(micro)).backward()
+            if k == 0:
+                result["local_grads_after_no_sync"] = _grads(core)
+        result["accum_grads"] = _grads(core)
+        distributed.barrier(info)
+    finally:
+        distributed.teardown(info)
+    torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list[dict]:
+    """Spawn the 2 ranks once; return each rank's saved results."""
+    out = tmp_path_factory.mktemp("ddp")
+    ctx = mp.start_processes(
+        _worker,
+        args=(WORLD, _free_port(), str(out)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _single_process_grads(micro_batches: list[list[int]]) -> tuple[dict, list[float]]:
+    """Gradient of the mean of the micro-batch losses, one process, no DDP."""
+    data = _data()
+    core = _model()
+    losses = [_loss(core, core, data.collate(idx)) for idx in micro_batches]
+    (sum(losses) / len(losses)).backward()
+    return _grads(core), [float(x.detach()) for x in losses]
+
+
+def _assert_grads_close(actual: dict, expected: dict, *, atol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+def test_ddp_gradients_equal_single_process_on_concatenated_batch(ddp_results):
+    expected, half_losses = _single_process_grads(STEP_HALVES)
+    assert any(g.abs().max() > 1e-3 for g in expected.values())  # not trivially zero
+    for rank, res in enumerate(ddp_results):
+        assert res["step_loss"] == pytest.approx(half_losses[rank], abs=1e-6)
+        _assert_grads_close(res["step_grads"], expected, atol=1e-6)
+    _assert_grads_close(ddp_results[0]["step_grads"], ddp_results[1]["step_grads"], atol=1e-7)
+
+    # The half-mean is the loss of the concatenated batch (re-padded to its longest pair).
+    data, core = _data(), _model()
+    _loss(core, core, data.collate(STEP_HALVES[0] + STEP_HALVES[1])).backward()
+    _assert_grads_close(_grads(core), expected, atol=1e-6)
+
+
+def test_ddp_no_sync_accumulation_matches_single_process(ddp_results):
+    micro = [idx for rank in range(WORLD) for idx in ACCUM_MICRO[rank]]
+    expected, _ = _single_process_grads(micro)
+    for res in ddp_results:
+        _assert_grads_close(res["accum_grads"], expected, atol=1e-6)
+    _assert_grads_close(ddp_results[0]["accum_grads"], ddp_results[1]["accum_grads"], atol=1e-7)
+
+    # no_sync really skipped the all-reduce: after micro-batch a each rank held its own gradient.
+    for rank, res in enumerate(ddp_results):
+        local, _ = _single_process_grads([ACCUM_MICRO[rank][0]])
+        _assert_grads_close(
+            res["local_grads_after_no_sync"], {n: g / 2 for n, g in local.items()}, atol=1e-6
+        )
+
+
+def test_ddp_children_read_env_and_all_reduce_mean(ddp_results):
+    for rank, res in enumerate(ddp_results):
+        assert res["info"] == (rank, rank, WORLD, rank == 0)
+        mean, value = res["all_reduce_mean"]
+        torch.testing.assert_close(mean, torch.tensor([1.5, 5.0]))
+        torch.testing.assert_close(value, torch.tensor([float(rank + 1), 10.0 * rank]))
+
+
+def test_dist_info_from_env(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    info = DistInfo.from_env()
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (0, 0, 1, True)
+    assert info == DistInfo()
+    if not torch.cuda.is_available():
+        assert info.device() == torch.device("cpu")
+    # Single process: setup/teardown/barrier do nothing, all_reduce_mean is the identity.
+    distributed.setup(info)
+    assert not torch.distributed.is_initialized()
+    value = torch.tensor([2.0, 3.0])
+    assert distributed.all_reduce_mean(value, info) is value
+    distributed.barrier(info)
+    distributed.teardown(info)
+
+    monkeypatch.setenv("RANK", "3")  # RANK alone is not a distributed launch
+    assert DistInfo.from_env() == DistInfo()
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = DistInfo.from_env()
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (3, 1, 4, False)
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("LOCAL_RANK")
+    info = DistInfo.from_env()
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (0, 0, 4, True)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_trains_and_writes_run_dir(tmp_path):
+    from codat.prepare import prepare
+
+    rng = random.Random(0)
+    words = "ein mann eine frau hund spielt im park mit dem ball auf der straße".split()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, n in (("train", 60), ("val", 8)):
+        src = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+        for lang in ("de", "en"):  # copy task
+            (raw / f"{split}.{lang}").write_text("".join(s + "\n" for s in src), encoding="utf-8")
+    data = tmp_path / "data"
+    prepare(
+        src="de",
+        tgt="en",
+        train=str(raw / "train"),
+        valid=str(raw / "val"),
+        tests=[],
+        out=str(data),
+        vocab_size=60,
+        upsample_scale=3.0,
+        max_ratio=2.0,
+    )
+    run = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"run_dir: {run}\ndata: {{dir: {data}}}\n"
+        "model: {dim: 32, heads: 4, ffn_dim: 64, encoder_layers: 1, decoder_layers: 1,"
+        " upsample_scale: 3.0, dropout: 0.0}\n"
+        "train: {lr: 1.0e-3, warmup_steps: 2, max_tokens: 200, max_steps: 4, log_every: 1,"
+        " eval_every: 4, glance_start: 0.5, glance_end: 0.5, threads: 1}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "codat",
+            "train",
+            str(cfg),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (run / "best" / "model.safetensors").is_file()
+    assert (run / "last" / "trainer_state.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]  # rank 0 alone writes, once per step
+    assert all(r["loss"] > 0 and r["glance"] == 0.5 for r in losses)
+    assert [r["step"] for r in rows if "valid_bleu" in r] == [4]
+    assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 4
