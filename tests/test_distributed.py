@@ -17,8 +17,8 @@ and the same tiny DATransformer (same seed) wrapped in DistributedDataParallel:
   `DistInfo.from_env` inside the children with the rank each was given.
 
 `DistInfo.from_env` is also checked without RANK/WORLD_SIZE (single process: rank 0, world 1,
-is_main) and with them set. The slow test runs `torchrun --nproc_per_node=2 -m codat train` on a
-tiny prepared synthetic corpus and checks the run directory (best/ checkpoint, 4 loss rows).
+is_main) and with them set. An end-to-end test runs `torchrun --nproc_per_node=2 -m codat train`
+on a tiny prepared synthetic corpus and checks the run directory (best/ checkpoint, 4 loss rows).
 """
 
 from __future__ import annotations
@@ -262,7 +262,6 @@ def test_dist_info_from_env(monkeypatch):
     assert (info.rank, info.local_rank, info.world_size, info.is_main) == (0, 0, 4, True)
 
 
-@pytest.mark.slow
 def test_torchrun_two_ranks_trains_and_writes_run_dir(tmp_path):
     from codat.prepare import prepare
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -40,7 +41,8 @@ def setup(info: DistInfo) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        # Rank 0 validates and checkpoints while the others wait at a barrier: allow for it.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
 
 
 def teardown(info: DistInfo) -> None:
@@ -59,3 +61,12 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (keeps stop decisions in lockstep)."""
+    if info.world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

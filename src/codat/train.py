@@ -264,7 +264,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
             bar.update(1)
             if state["step"] % cfg.train.log_every == 0:
                 tok_s = window_tokens * dist.world_size / max(time.time() - window_start, 1e-9)
-                loss_avg = float(distributed.all_reduce_mean(torch.tensor(loss_sum), dist))
+                loss_avg = float(
+                    distributed.all_reduce_mean(torch.tensor(loss_sum, device=device), dist)
+                )
                 row = {
                     "step": state["step"],
                     "loss": round(loss_avg, 4),
@@ -284,6 +286,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
             out_of_time = (
                 cfg.train.max_minutes > 0 and time.time() - start_time > cfg.train.max_minutes * 60
             )
+            # Each rank has its own clock: agree, or one rank would wait forever in a collective.
+            out_of_time = distributed.any_rank(out_of_time, dist, device)
             stop = state["step"] >= cfg.train.max_steps or out_of_time
             if state["step"] % cfg.train.eval_every == 0 or stop:
                 state["elapsed_s"] = time.time() - start_time
