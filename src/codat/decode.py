@@ -140,7 +140,7 @@ def joint_viterbi_path(
         active = n_edges >= t
         path[:, t] = torch.where(active, vertex, path[:, t])
         if t >= 2:
-            vertex = torch.where(active & (n_edges >= t), backs[t - 2][rows, vertex], vertex)
+            vertex = torch.where(active, backs[t - 2][rows, vertex], vertex)
     valid = torch.arange(width, device=path.device).unsqueeze(0) <= n_edges.unsqueeze(1)
     return path, valid, score
 
