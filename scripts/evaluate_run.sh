@@ -10,7 +10,7 @@ test=${4:-test_2016_flickr}
 out="$run/eval"
 mkdir -p "$out"
 codat average "$run"
-bleu() { codat score "$1" "$2" | sed -n -E '1s/.*= ([0-9.]+) .*/\1/p'; }
+bleu() { codat score "$1" "$2" | sed -n -E '1s/^BLEU = ([0-9.]+) .*/\1/p'; }
 best_bleu=-1
 for ckpt in best averaged; do
   codat generate "$run/$ckpt" -i "$data/$valid.src.txt" -o "$out/$valid.$ckpt.hyp" --decoder lookahead
