@@ -193,7 +193,7 @@ def test_prepare_accepts_an_existing_empty_output_dir(tmp_path, prefixes):
 # ---------------------------------------------------------------- errors
 
 
-def _expect_error(tmp_path: pathlib.Path, kwargs: dict, *fragments: str) -> str:
+def _assert_prepare_error(tmp_path: pathlib.Path, kwargs: dict, *fragments: str) -> str:
     """prepare(**kwargs) raises PrepareError mentioning every fragment and writes nothing."""
     before = _listing(tmp_path)
     with pytest.raises(PrepareError) as info:
@@ -213,7 +213,7 @@ def test_prepare_error_is_a_value_error():
 def test_mismatched_line_counts_name_both_files_and_counts(tmp_path, prefixes):
     raw = tmp_path / "raw"
     _write(raw / "val.de", _sentences(7, seed=1)[0])  # val.en.gz keeps 8 lines
-    _expect_error(
+    _assert_prepare_error(
         tmp_path,
         _kwargs(prefixes, tmp_path / "bin"),
         f"{raw / 'val.de'} has 7 lines",
@@ -226,29 +226,31 @@ def test_invalid_utf8_names_file_and_line(tmp_path, prefixes):
     lines = [s.encode() for s in _sentences(5, seed=2)[1]]
     lines[3] = b"mann \xff\xfe hund"
     (raw / "test.en").write_bytes(b"\n".join(lines) + b"\n")
-    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{raw / 'test.en'}:4", "UTF-8")
+    _assert_prepare_error(
+        tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{raw / 'test.en'}:4", "UTF-8"
+    )
 
 
 def test_invalid_utf8_in_gzipped_file_names_file_and_line(tmp_path, prefixes):
     raw = tmp_path / "raw"
     with gzip.open(raw / "train.de.gz", "wb") as f:
         f.write(b"ein mann\n\xc3\x28 frau\n")
-    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{raw / 'train.de.gz'}:2")
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{raw / 'train.de.gz'}:2")
 
 
 def test_corrupt_gzip_names_the_file(tmp_path, prefixes):
     raw = tmp_path / "raw"
     (raw / "val.en.gz").write_bytes(b"this is not gzip data\n")
-    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), str(raw / "val.en.gz"))
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), str(raw / "val.en.gz"))
 
 
 def test_missing_file_is_named(tmp_path, prefixes):
     (tmp_path / "raw" / "test.en").unlink()
-    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{prefixes['test']}.en")
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), f"{prefixes['test']}.en")
 
 
 def test_missing_file_for_an_unknown_language(tmp_path, prefixes):
-    _expect_error(
+    _assert_prepare_error(
         tmp_path, _kwargs(prefixes, tmp_path / "bin", tgt="fr"), f"{prefixes['train']}.fr"
     )
 
@@ -257,7 +259,7 @@ def test_non_empty_output_dir_without_force_is_left_untouched(tmp_path, prefixes
     out = tmp_path / "bin"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _expect_error(tmp_path, _kwargs(prefixes, out), str(out), "--force")
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, out), str(out), "--force")
     assert _listing(out) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -267,7 +269,7 @@ def test_all_empty_training_data_is_an_error(tmp_path, prefixes):
     (raw / "train.de.gz").unlink()
     _write(raw / "train.de", ["", "  ", ""])
     _write(raw / "train.en", ["a", "", "b"])
-    _expect_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), str(raw / "train.de"))
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), str(raw / "train.de"))
 
 
 def test_test_split_named_like_valid_split_does_not_replace_it(tmp_path, prefixes):
