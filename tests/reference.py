@@ -221,3 +221,167 @@ def loop_walk(successor: torch.Tensor, graph_lens: torch.Tensor) -> list[list[in
             walk.append(v)
         out.append(walk)
     return out
+
+
+def sentence_bleu_loops(hyp: list[int], ref: list[int], max_order: int = 4) -> float:
+    """Sentence BLEU of one hypothesis against one reference, the slow way.
+
+    Written from the definition sacrebleu's `sentence_bleu` implements (tokenize="none",
+    smooth_method="exp", effective order on): clipped n-gram counts, precisions in percent,
+    the k-th order without a match gets 100 / (2^k * total), only orders with at least one
+    hypothesis n-gram are averaged, brevity penalty when the hypothesis is shorter.
+    """
+    from collections import Counter
+
+    correct, total = [], []
+    for n in range(1, max_order + 1):
+        hyp_grams = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+        ref_grams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+        correct.append(sum(min(c, ref_grams[g]) for g, c in hyp_grams.items()))
+        total.append(sum(hyp_grams.values()))
+    if sum(correct) == 0:
+        return 0.0
+    if len(hyp) >= len(ref):
+        bp = 1.0
+    else:
+        bp = math.exp(1 - len(ref) / len(hyp))  # len(hyp) > 0 here: some order matched
+    log_precisions = []
+    misses = 0
+    for c, t in zip(correct, total, strict=True):
+        if t == 0:
+            break  # no n-grams of this order or higher: the effective order ends here
+        if c == 0:
+            misses += 1
+            log_precisions.append(math.log(100.0 / (2**misses * t)))
+        else:
+            log_precisions.append(math.log(100.0 * c / t))
+    return bp * math.exp(sum(log_precisions) / len(log_precisions))
+
+
+def exact_sample_path_probs(
+    token_logp_b: torch.Tensor,  # (L, V) of one sentence
+    trans_logp_b: torch.Tensor,  # (L, L) of one sentence
+    graph_len: int,
+    temperature: float,
+    top_p: float,
+) -> dict[tuple[int, ...], float]:
+    """Probability of every path 0 -> L_b - 1 under CoDAT Algorithm 2 (DAG sampling), exactly.
+
+    From vertex i the walk looks at its valid successors i < j < L_b with
+    joint[j] = E[i, j] + max_v logp[j, v]. The successors are sorted by softmax(joint) descending
+    and kept while the mass strictly before them is < top_p (the top one always). The next vertex
+    is drawn from softmax(joint / temperature) over the kept ones (temperature 0 = the argmax of
+    joint, the first one on ties). A path's probability is the product of its steps'
+    probabilities. Every path with any number of intermediate vertices is enumerated.
+    """
+    Lb = int(graph_len)
+    logp = token_logp_b.double().tolist()
+    trans = trans_logp_b.double().tolist()
+    s = [max(row) for row in logp]
+
+    def softmax(values: dict[int, float]) -> dict[int, float]:
+        m = max(values.values())
+        exps = {j: math.exp(x - m) for j, x in values.items()}
+        z = sum(exps.values())
+        return {j: e / z for j, e in exps.items()}
+
+    steps = []  # steps[i][j] = P(next = j | at i)
+    for i in range(Lb - 1):
+        joint = {j: trans[i][j] + s[j] for j in range(i + 1, Lb)}
+        if temperature == 0:
+            best = max(joint, key=lambda j, joint=joint: (joint[j], -j))
+            steps.append({best: 1.0})
+            continue
+        p = softmax(joint)
+        kept, mass = [], 0.0
+        for j in sorted(p, key=lambda j, p=p: -p[j]):
+            if kept and not mass < top_p:
+                break
+            kept.append(j)
+            mass += p[j]
+        steps.append(softmax({j: joint[j] / temperature for j in kept}))
+    out = {}
+    for r in range(Lb - 1):  # number of intermediate vertices
+        for mid in itertools.combinations(range(1, Lb - 1), r):
+            path = (0, *mid, Lb - 1)
+            prob = 1.0
+            for a, c in itertools.pairwise(path):
+                prob *= steps[a].get(c, 0.0)
+            out[path] = prob
+    return out
+
+
+def loop_contrastive_loss(
+    scores: list[list[float]],  # [b][k] length-normalised log q of sample k
+    rewards: list[list[float]],  # [b][k]
+    margin: float,
+    mask: list[list[bool]] | None = None,
+    tie: float = 0.0,
+) -> float:
+    """CoDAT's ranking loss (eq. 10) as a double loop over the samples of each sentence.
+
+    The samples taking part (mask True and a finite score) are ranked best-first by reward
+    (rank 0 = best; equal rewards keep their index order). For every ordered pair (i, j) with
+    R_i - R_j > tie the loss is max(0, s_j - s_i + (rank_j - rank_i) * margin). Returns the sum
+    over all such pairs of all sentences divided by their number (0.0 when there are none).
+    """
+    total, count = 0.0, 0
+    for b in range(len(scores)):
+        part = [
+            k
+            for k in range(len(scores[b]))
+            if (mask is None or mask[b][k]) and math.isfinite(scores[b][k])
+        ]
+        ranked = sorted(part, key=lambda k, b=b: -rewards[b][k])  # sorted() is stable
+        rank = {k: r for r, k in enumerate(ranked)}
+        for i in part:
+            for j in part:
+                if rewards[b][i] - rewards[b][j] > tie:
+                    gap = rank[j] - rank[i]
+                    total += max(0.0, scores[b][j] - scores[b][i] + gap * margin)
+                    count += 1
+    return total / count if count else 0.0
+
+
+def loop_candidate_probs(
+    token_logp_b: torch.Tensor,  # (L, V) of one sentence
+    trans_logp_b: torch.Tensor,  # (L, L) of one sentence
+    graph_len: int,
+    temperature: float,
+    top_p: float,
+    top_tokens: int,
+) -> list[dict[tuple[int, int], float]]:
+    """Algorithm 2's step distribution over (next vertex, its token) pairs, one vertex at a time.
+
+    Out of vertex i (< L_b - 1) the candidates are (j, r) for i < j < L_b and r < top_tokens:
+    successor j showing its r-th most likely token (r = 0 the best), scored
+    joint = E[i, j] + (r-th largest logp[j]). Top-p and temperature act on the candidates
+    exactly as in `exact_sample_path_probs` (which is the top_tokens = 1 case). Returns, per
+    vertex i, {(j, r): probability} (missing pairs have probability 0).
+    """
+    Lb = int(graph_len)
+    logp = token_logp_b.double().tolist()
+    trans = trans_logp_b.double().tolist()
+    ranked = [sorted(row, reverse=True)[:top_tokens] for row in logp]
+    out = []
+    for i in range(Lb - 1):
+        joint = {
+            (j, r): trans[i][j] + ranked[j][r] for j in range(i + 1, Lb) for r in range(top_tokens)
+        }
+        if temperature == 0:
+            best = max(joint, key=lambda c, joint=joint: (joint[c], -c[0], -c[1]))
+            out.append({best: 1.0})
+            continue
+        m = max(joint.values())
+        z = sum(math.exp(x - m) for x in joint.values())
+        p = {c: math.exp(x - m) / z for c, x in joint.items()}
+        kept, mass = [], 0.0
+        for c in sorted(p, key=lambda c, p=p: -p[c]):
+            if kept and not mass < top_p:
+                break
+            kept.append(c)
+            mass += p[c]
+        m = max(joint[c] / temperature for c in kept)
+        z = sum(math.exp(joint[c] / temperature - m) for c in kept)
+        out.append({c: math.exp(joint[c] / temperature - m) / z for c in kept})
+    return out

@@ -90,7 +90,7 @@ def _model() -> DATransformer:
 
 
 def _loss(model, core, batch) -> torch.Tensor:
-    loss, stats = dat_loss(
+    loss, stats, _ = dat_loss(
         model,
         core,
         batch,

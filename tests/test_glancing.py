@@ -302,7 +302,7 @@ def test_dat_loss_with_glancing_is_finite_with_finite_grads(bf16):
     model = _model(dropout=0.1)
     batch = _batch([4, 3, 2, 1], [6, 4, 5, 3])  # last: graph size 2 < 3, invalid
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else NULL
-    loss, stats = dat_loss(
+    loss, stats, _ = dat_loss(
         model,
         model,
         batch,
@@ -323,7 +323,7 @@ def test_dat_loss_without_glancing_equals_plain_dp_loss():
     batch = _batch(*BATCH)
     gen = torch.Generator().manual_seed(0)
     gen_state = gen.get_state()
-    loss, stats = dat_loss(model, model, batch, ratio=0.0, generator=gen, autocast=NULL)
+    loss, stats, _ = dat_loss(model, model, batch, ratio=0.0, generator=gen, autocast=NULL)
     assert torch.equal(gen.get_state(), gen_state)  # no glancing draw
     assert stats.get("glanced", 0) == 0 and stats["invalid"] == 0
     model.eval()
@@ -343,7 +343,7 @@ def test_dat_loss_with_glancing_equals_stepwise_recomputation():
     DP loss divided by the full N_b."""
     model = _model(dropout=0.0)
     batch = _batch(*BATCH)
-    loss, stats = dat_loss(
+    loss, stats, _ = dat_loss(
         model, model, batch, ratio=0.5, generator=torch.Generator().manual_seed(5), autocast=NULL
     )
     with torch.no_grad():
@@ -385,7 +385,7 @@ def test_dat_loss_pass_two_reuses_pass_one_dropout_masks_when_nothing_revealed()
     batch = _batch(*BATCH)
     rec = _Recorder(model)
     torch.manual_seed(11)
-    loss, stats = dat_loss(
+    loss, stats, _ = dat_loss(
         model, model, batch, ratio=1e-9, generator=torch.Generator().manual_seed(0), autocast=NULL
     )
     rec.handle.remove()
@@ -414,7 +414,7 @@ def test_dat_loss_pass_two_reuses_pass_one_dropout_masks_when_glancing():
     model = _model(dropout=0.3)
     batch = _batch(*BATCH)
     rec = _Recorder(model.encoder)
-    loss, stats = dat_loss(
+    loss, stats, _ = dat_loss(
         model, model, batch, ratio=0.5, generator=torch.Generator().manual_seed(0), autocast=NULL
     )
     rec.handle.remove()

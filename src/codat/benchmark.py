@@ -331,3 +331,112 @@ def main_dag(argv: list[str] | None = None) -> int:
             json.dump(result, f, indent=2)
             f.write("\n")
     return 0
+
+
+# --- decoding latency at batch size 1 (`codat benchmark decode`) ----------------------------------
+
+
+def run_decode_benchmark(
+    translator,  # codat.generate.Translator
+    sentences: list[str],
+    *,
+    decoders: dict[str, dict],
+    repeats: int = 3,
+    warmup: int = 5,
+) -> dict:
+    """Mean latency per sentence (ms) of each named decoder setting, one sentence at a time (the
+    paper's batch-size-1 protocol), averaged over `repeats` passes over `sentences`. The decoders
+    take turns within every pass (order alternating between passes), so a slower or faster
+    machine phase affects all of them alike. `decoders` maps a label to `Translator.generate`
+    keyword arguments, e.g. {"lookahead": {"decoder": "lookahead"}}."""
+    if repeats < 1 or not sentences:
+        raise ValueError("need repeats >= 1 and at least one sentence")
+    dev = torch.device(translator.device)
+    names = list(decoders)
+    for name in names:
+        for s in sentences[:warmup]:
+            translator.generate([s], **decoders[name])
+    totals = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            for s in sentences:
+                translator.generate([s], **decoders[name])
+            _sync(dev)
+            totals[name].append((time.perf_counter() - t0) * 1000.0 / len(sentences))
+    ms = {name: statistics.mean(v) for name, v in totals.items()}
+    base = names[0]
+    return {
+        "sentences": len(sentences),
+        "repeats": repeats,
+        "device": str(dev),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ms_per_sentence": ms,
+        "per_pass_ms": totals,
+        "relative_to": base,
+        "ratio": {name: ms[name] / ms[base] for name in names},
+    }
+
+
+def format_decode_report(result: dict, settings: dict[str, dict]) -> str:
+    r = result
+    lines = [
+        f"Decoding latency, batch size 1: {r['sentences']} sentences x {r['repeats']} passes, "
+        f"device={r['device']}, threads={r['torch_threads']}, torch {r['torch_version']}",
+        "",
+        f"{'decoder':<14}{'ms/sentence':>13}{'vs ' + r['relative_to']:>16}  settings",
+    ]
+    for name, ms in r["ms_per_sentence"].items():
+        opts = " ".join(f"{k}={v}" for k, v in settings[name].items() if k != "decoder")
+        lines.append(f"{name:<14}{ms:>13.2f}{r['ratio'][name]:>15.2f}x  {opts}")
+    return "\n".join(lines)
+
+
+def main_decode(argv: list[str] | None = None) -> int:
+    """`codat benchmark decode RUN_DIR --input SRC`: lookahead vs K-sample decoding + rerank."""
+    from codat.generate import Translator
+
+    p = argparse.ArgumentParser(
+        prog="codat benchmark decode",
+        description="Latency at batch size 1 of lookahead vs sampling + reranking, in one run.",
+    )
+    p.add_argument("run_dir", help="run directory (its best/) or checkpoint directory")
+    p.add_argument("--input", "-i", required=True, help="source text file, one sentence per line")
+    p.add_argument("--max-sentences", type=int, default=200, help="first N lines (0 = all)")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the sentences (default 3)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--top-p", type=float, default=0.5)
+    p.add_argument("--top-tokens", type=int, default=1)
+    p.add_argument("--beta", type=float, default=0.5, help="sample rerank weight")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads if > 0")
+    p.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
+    a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    lines = open(a.input, encoding="utf-8").read().splitlines()
+    if a.max_sentences > 0:
+        lines = lines[: a.max_sentences]
+    translator = Translator.from_dir(a.run_dir, device=a.device)
+    settings = {
+        "lookahead": {"decoder": "lookahead"},
+        f"sample-{a.samples}": {
+            "decoder": "sample",
+            "samples": a.samples,
+            "temperature": a.temperature,
+            "top_p": a.top_p,
+            "top_tokens": a.top_tokens,
+            "beta": a.beta,
+        },
+    }
+    with torch.inference_mode():
+        result = run_decode_benchmark(translator, lines, decoders=settings, repeats=a.repeats)
+    print(format_decode_report(result, settings))
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0

@@ -27,12 +27,30 @@ def _score(argv: list[str]) -> int:
 
 
 def _benchmark(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("dag",):
-        print("usage: codat benchmark dag [options]", file=sys.stderr)
+    if not argv or argv[0] not in ("dag", "decode"):
+        print("usage: codat benchmark {dag,decode} [options]", file=sys.stderr)
         return 2
-    from codat.benchmark import main_dag
+    from codat.benchmark import main_dag, main_decode
 
-    return main_dag(argv[1:])
+    return (main_dag if argv[0] == "dag" else main_decode)(argv[1:])
+
+
+def _analyze(argv: list[str]) -> int:
+    from codat.analysis import main_analyze
+
+    return main_analyze(argv)
+
+
+def _tune_beta(argv: list[str]) -> int:
+    from codat.analysis import main_tune_beta
+
+    return main_tune_beta(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from codat.plot import main
+
+    return main(argv)
 
 
 def _prepare(argv: list[str]) -> int:
@@ -59,7 +77,13 @@ COMMANDS = {
     "generate": (_generate, "translate a file or stdin with a trained run"),
     "average": (_average, "average the kept best checkpoints of a run into one"),
     "score": (_score, "corpus sacreBLEU of a hypothesis file against a reference file"),
-    "benchmark": (_benchmark, "benchmark dag: time the DP against the dense DAT-style reference"),
+    "tune-beta": (_tune_beta, "pick the sample decoder's rerank weight beta on validation"),
+    "analyze": (_analyze, "NCM and Oracle BLEU (best of K samples) on a prepared split"),
+    "plot": (_plot, "PNG of validation DP / contrastive loss / BLEU curves of runs"),
+    "benchmark": (
+        _benchmark,
+        "benchmark dag: the DP vs a dense reference; benchmark decode: lookahead vs sampling",
+    ),
 }
 
 

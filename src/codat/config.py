@@ -74,8 +74,32 @@ class TrainConfig:
     seed: int = 1
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     bf16: bool = False  # autocast the model's matmuls to bfloat16 (the DP stays float32)
+    lr_schedule: str = "inverse_sqrt"  # or "constant" (after the linear warm-up)
+    # CoDAT fine-tuning (method.md §9): objective dp = DAT's DP loss only; codat = DP + ranking
+    # constraints on the model's own samples; reward = DP + REINFORCE on sentence BLEU.
+    objective: str = "dp"
+    init_from: str = ""  # checkpoint or run directory whose weights start the run (stage 2)
+    cl_samples: int = 128  # K samples per sentence
+    cl_keep: float = 0.25  # codat: fraction of the K kept (best by sentence BLEU)
+    cl_temperature: float = 0.1
+    cl_top_p: float = 0.5
+    cl_top_tokens: int = 1  # candidate tokens per vertex (1 = the paper's Algorithm 2)
+    cl_margin: float = 0.001  # eps_LB per rank gap
+    cl_tie: float = 0.001  # rewards (BLEU / 100) closer than this are not ranked
+    cl_weight: float = 1.0  # loss = DP + cl_weight * (contrastive or reward term)
+    cl_alpha: float = 0.0  # DP-loss gate; 0 = the init model's mean validation DP loss
+    reward_samples: int = 32  # reward: samples per sentence that carry the REINFORCE gradient
+    eval_cl_sentences: int = 0  # validation contrastive loss on this many sentences (0 = off)
 
     def __post_init__(self) -> None:
+        if self.objective not in ("dp", "codat", "reward"):
+            raise ValueError(f"train.objective='{self.objective}': choose dp, codat or reward")
+        if self.lr_schedule not in ("inverse_sqrt", "constant"):
+            raise ValueError(
+                f"train.lr_schedule='{self.lr_schedule}': choose inverse_sqrt or constant"
+            )
+        if self.cl_samples < 2 or not 0 < self.cl_keep <= 1:
+            raise ValueError("train.cl_samples must be >= 2 and train.cl_keep in (0, 1]")
         if self.update_freq < 1:
             raise ValueError(f"train.update_freq={self.update_freq} must be >= 1")
         if not (0 <= self.glance_end <= 1 and 0 <= self.glance_start <= 1):
@@ -92,6 +116,14 @@ class DecodeConfig:
     beta: float = 1.0  # lookahead: weight of the token log-prob
     viterbi_beta: float = 1.0  # joint-Viterbi length normalisation exponent
     max_tokens: int = 8192
+    # sample: draw `samples` paths per sentence (CoDAT Algorithms 2/3), return the best by
+    # sample_beta * token score + (1 - sample_beta) * transition score (tune: codat tune-beta).
+    samples: int = 128
+    temperature: float = 0.05
+    top_p: float = 0.5
+    top_tokens: int = 1  # candidate tokens per vertex (1 = the paper's Algorithm 2)
+    sample_beta: float = 0.5
+    seed: int = 1
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,40 @@ def dag_log_likelihood(
     Sentences with no path (L_b < N_b, or only -inf paths) get -inf and zero gradients.
     """
     _check_dag_args(token_logp, trans_logp, graph_lens, target_lens)
+    return dag_log_likelihood_shared(
+        token_logp.unsqueeze(1), trans_logp, graph_lens, target_lens.unsqueeze(1)
+    ).squeeze(1)
+
+
+def dag_log_likelihood_shared(
+    token_logp: torch.Tensor,  # (B, K, L, N)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    target_lens: torch.Tensor,  # (B, K)
+) -> torch.Tensor:  # (B, K)
+    """`dag_log_likelihood` of K targets per sentence that share one DAG (CoDAT's samples).
+
+    `token_logp[b, k, j, i]` = log P(y^k_i | v_j). The K forward vectors of a sentence form a
+    (K, L) matrix, so each target step is one batched matmul against the shared exp(E): the
+    transitions are never copied K times, and their gradient sums over the K targets.
+    """
+    if token_logp.dim() != 4 or trans_logp.dim() != 3:
+        raise ValueError(
+            f"expected token_logp (B, K, L, N) and trans_logp (B, L, L), got "
+            f"{tuple(token_logp.shape)} and {tuple(trans_logp.shape)}"
+        )
+    B, K, L, N = token_logp.shape
+    if target_lens.shape != (B, K):
+        raise ValueError(f"target_lens shape {tuple(target_lens.shape)} != {(B, K)}")
+    if trans_logp.shape != (B, L, L) or graph_lens.shape != (B,):
+        raise ValueError(
+            f"trans_logp {tuple(trans_logp.shape)} and graph_lens {tuple(graph_lens.shape)} must "
+            f"be {(B, L, L)} and ({B},)"
+        )
+    if B and (int(graph_lens.min()) < 1 or int(graph_lens.max()) > L):
+        raise ValueError(f"graph_lens must lie in [1, {L}], got {graph_lens.tolist()}")
+    if B and K and (int(target_lens.min()) < 1 or int(target_lens.max()) > N):
+        raise ValueError(f"target_lens must lie in [1, {N}], got {target_lens.tolist()}")
     dtype = torch.float64 if token_logp.dtype == torch.float64 else torch.float32
     return _ForwardDP.apply(
         token_logp.to(dtype), trans_logp.to(dtype), graph_lens.long(), target_lens.long()
@@ -83,59 +117,63 @@ def dag_log_likelihood(
 
 
 class _ForwardDP(torch.autograd.Function):
-    """Forward algorithm with a hand-written backward (method.md §3 alpha/beta, in scaled space)."""
+    """Forward algorithm with a hand-written backward (method.md §3 alpha/beta, in scaled space).
+
+    Works on K targets per sentence: alpha is (B, K, L) and every step is a (K, L) @ (L, L) bmm.
+    """
 
     @staticmethod
     def forward(ctx, token_logp, trans_logp, graph_lens, target_lens):  # noqa: D102
-        B, L, N = token_logp.shape
-        rows = torch.arange(B, device=token_logp.device)
-        last = graph_lens - 1
+        B, K, L, N = token_logp.shape
+        last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
         # Column-wise stabiliser: exp(E - colmax) has a 1 in every reachable column.
-        col_max = _finite_or_zero(trans_logp.amax(dim=1))  # (B, L)
-        trans_exp = (trans_logp - col_max.unsqueeze(1)).exp()  # (B, L, L) in [0, 1]
-        alpha = torch.full((B, L), NEG_INF, dtype=token_logp.dtype, device=token_logp.device)
-        alpha[:, 0] = token_logp[:, 0, 0]
-        at_last = [alpha[rows, last]]
-        p_all = token_logp.new_zeros(B, max(N - 1, 0), L)  # p_t = exp(alpha_{t-1} - m_t)
-        s_all = token_logp.new_zeros(B, max(N - 1, 0), L)  # s_t = p_t @ exp(E - colmax)
+        col_max = _finite_or_zero(trans_logp.amax(dim=1)).unsqueeze(1)  # (B, 1, L)
+        trans_exp = (trans_logp - col_max).exp()  # (B, L, L) in [0, 1]
+        alpha = torch.full((B, K, L), NEG_INF, dtype=token_logp.dtype, device=token_logp.device)
+        alpha[:, :, 0] = token_logp[:, :, 0, 0]
+        at_last = [alpha.gather(2, last)]
+        p_all = token_logp.new_zeros(B, K, max(N - 1, 0), L)  # p_t = exp(alpha_{t-1} - m_t)
+        s_all = token_logp.new_zeros(B, K, max(N - 1, 0), L)  # s_t = p_t @ exp(E - colmax)
         for t in range(1, N):
-            m = _finite_or_zero(alpha.amax(dim=1, keepdim=True))  # (B, 1)
-            p = (alpha - m).exp()  # (B, L); unreachable vertices give 0
-            s = torch.bmm(p.unsqueeze(1), trans_exp).squeeze(1)  # (B, L)
-            alpha = safe_log(s) + m + col_max + token_logp[:, :, t]
-            p_all[:, t - 1], s_all[:, t - 1] = p, s
-            at_last.append(alpha[rows, last])
-        result = torch.stack(at_last, dim=1)[rows, target_lens - 1]  # (B,)
+            m = _finite_or_zero(alpha.amax(dim=2, keepdim=True))  # (B, K, 1)
+            p = (alpha - m).exp()  # (B, K, L); unreachable vertices give 0
+            s = torch.bmm(p, trans_exp)  # (B, K, L)
+            alpha = safe_log(s) + m + col_max + token_logp[:, :, :, t]
+            p_all[:, :, t - 1], s_all[:, :, t - 1] = p, s
+            at_last.append(alpha.gather(2, last))
+        result = torch.cat(at_last, dim=2).gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2)
         ctx.save_for_backward(trans_exp, p_all, s_all, graph_lens, target_lens, result)
-        ctx.token_shape = (B, L, N)
+        ctx.token_shape = (B, K, L, N)
         return result
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         trans_exp, p_all, s_all, graph_lens, target_lens, result = ctx.saved_tensors
-        B, L, N = ctx.token_shape
-        rows = torch.arange(B, device=grad_out.device)
-        last = graph_lens - 1
+        B, K, L, N = ctx.token_shape
+        last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
         # A -inf result passes no gradient (and must not: its paths all have probability 0).
         grad_out = torch.where(torch.isfinite(result), grad_out, torch.zeros_like(grad_out))
-        grad_token = torch.zeros(B, L, N, dtype=trans_exp.dtype, device=trans_exp.device)
+        grad_token = torch.zeros(B, K, L, N, dtype=trans_exp.dtype, device=trans_exp.device)
         grad_s_all = torch.zeros_like(s_all)  # dZ/ds_t
-        d_alpha = torch.zeros(B, L, dtype=trans_exp.dtype, device=trans_exp.device)
+        d_alpha = torch.zeros(B, K, L, dtype=trans_exp.dtype, device=trans_exp.device)
         trans_exp_t = trans_exp.transpose(1, 2)
         for t in range(N - 1, -1, -1):
-            ends_here = target_lens - 1 == t
-            d_alpha[rows, last] += torch.where(ends_here, grad_out, torch.zeros_like(grad_out))
-            grad_token[:, :, t] = d_alpha
+            ends_here = target_lens - 1 == t  # (B, K)
+            d_alpha.scatter_add_(
+                2, last, torch.where(ends_here, grad_out, torch.zeros_like(grad_out)).unsqueeze(2)
+            )
+            grad_token[:, :, :, t] = d_alpha
             if t == 0:
                 break
-            s = s_all[:, t - 1]
+            s = s_all[:, :, t - 1]
             ds = torch.where(s > 0, d_alpha / torch.where(s > 0, s, torch.ones_like(s)), 0.0)
-            grad_s_all[:, t - 1] = ds
-            dp = torch.bmm(ds.unsqueeze(1), trans_exp_t).squeeze(1)  # (B, L)
-            d_alpha = dp * p_all[:, t - 1]
-        grad_token[:, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
-        # dZ/dE[k, j] = exp(E - colmax)[k, j] * sum_t p_t[k] * ds_t[j]: one batched matmul.
-        grad_trans = trans_exp * torch.bmm(p_all.transpose(1, 2), grad_s_all)
+            grad_s_all[:, :, t - 1] = ds
+            d_alpha = torch.bmm(ds, trans_exp_t) * p_all[:, :, t - 1]  # (B, K, L)
+        grad_token[:, :, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
+        # dZ/dE[k, j] = exp(E - colmax)[k, j] * sum_{targets, t} p_t[k] * ds_t[j]: one bmm.
+        grad_trans = trans_exp * torch.bmm(
+            p_all.reshape(B, -1, L).transpose(1, 2), grad_s_all.reshape(B, -1, L)
+        )
         return grad_token, grad_trans, None, None
 
 

@@ -8,6 +8,8 @@ Python loop over sentences.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -163,3 +165,181 @@ def joint_viterbi_decode(
     )
     tokens = vertex_ids.gather(1, path)
     return collapse_tokens(tokens, valid, special_ids=special_ids, pad_id=pad_id)
+
+
+class DagSamples(NamedTuple):
+    """K hypotheses per sentence drawn from the DAG (`sample_dag`)."""
+
+    tokens: torch.Tensor  # (B, K, T) long: output ids (collapsed, no specials), pad_id-padded
+    lengths: torch.Tensor  # (B, K) long: number of output ids
+    paths: torch.Tensor  # (B, K, P) long: vertex path from 0 to L_b - 1, padded with L_b - 1
+    path_lens: torch.Tensor  # (B, K) long: number of vertices on the path (both ends included)
+    trans_score: torch.Tensor  # (B, K): sum of log P(a_{t+1} | a_t) over the path's edges
+    token_score: torch.Tensor  # (B, K): sum of max_v log P(v | a_t) over the path's vertices
+
+
+def sampling_distribution(
+    token_logp: torch.Tensor,  # (B, L, V)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    *,
+    temperature: float,
+    top_p: float,
+    top_tokens: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, L, L * c), (B, L, c), (B, L, c)
+    """CoDAT Algorithm 2, lines 2-5: the distribution over (next vertex, its token) of every vertex.
+
+    Candidates of vertex i are the pairs (j, v) of a successor j and one of the `top_tokens` (c)
+    most likely tokens v of j, scored P = E[i, j] + log P(v | j) (c = 1: the vertex's best token,
+    the paper's Algorithm 2; c > 1 also samples the token, as DAT v2.0's sampler does). Per row,
+    keep the smallest set of candidates whose softmax(P) mass reaches `top_p` (the top one
+    always), then softmax(P / tau) over that set; tau = 0 gives the argmax (the lookahead walk).
+    Rows without successors (the last vertex and padding) put all mass on candidate 0; a walk
+    never reads them. Candidate index = j * c + (rank of v). Returns the row-stochastic matrix
+    and the candidate tokens' log-probs and ids.
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or top_tokens < 1:
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1 and top_tokens >= 1, got {temperature}, "
+            f"{top_p}, {top_tokens}"
+        )
+    B, L, _ = trans_logp.shape
+    if top_tokens > token_logp.shape[-1]:
+        raise ValueError(f"top_tokens={top_tokens} exceeds the vocabulary ({token_logp.shape[-1]})")
+    cand_logp, cand_ids = token_logp.float().topk(top_tokens, dim=-1)  # (B, L, c)
+    joint = (trans_logp.float().unsqueeze(-1) + cand_logp.unsqueeze(1)).reshape(
+        B, L, L * top_tokens
+    )
+    has_next = torch.isfinite(joint).any(dim=-1, keepdim=True)  # (B, L, 1)
+    joint = torch.where(has_next, joint, torch.zeros_like(joint))  # no NaN from all -inf rows
+    if temperature == 0:
+        probs = torch.nn.functional.one_hot(joint.argmax(-1), joint.shape[-1]).to(joint.dtype)
+    else:
+        sorted_p, order = torch.softmax(joint, dim=-1).sort(dim=-1, descending=True)
+        # Keep a candidate while the mass before it is below top_p: the first crossing stays.
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+        keep_sorted[..., 0] = True
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = torch.softmax((joint / temperature).masked_fill(~keep, float("-inf")), dim=-1)
+    first = torch.zeros_like(probs)
+    first[..., 0] = 1
+    return torch.where(has_next, probs, first), cand_logp, cand_ids
+
+
+def sample_dag(
+    token_logp: torch.Tensor,  # (B, L, V)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    special_ids: tuple[int, ...],
+    pad_id: int,
+    top_tokens: int = 1,
+) -> DagSamples:
+    """Draw `num_samples` paths per sentence (CoDAT Algorithms 2/3), all walkers in one tensor.
+
+    A path only moves forward, so a walker visits a vertex at most once: drawing one candidate
+    (next vertex, its token) per (walker, vertex) up front (Algorithm 3's trick: one
+    `multinomial` call for everything) and then following those pointers is an exact sample of
+    Algorithm 2's walk. The walk is one gather per step for all B * K walkers. Vertex 0 shows its
+    best token (<s>, dropped by the collapse) and the last vertex its drawn token (</s>), as in the
+    other decoders. `token_score` sums the log-probs of the emitted vertex tokens.
+    """
+    _check(token_logp, trans_logp, graph_lens)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    B, L, _ = token_logp.shape
+    K, c = num_samples, top_tokens
+    if B == 0:
+        empty = torch.zeros(0, K, dtype=torch.long, device=token_logp.device)
+        return DagSamples(
+            empty.unsqueeze(-1), empty, empty.unsqueeze(-1), empty, empty.float(), empty.float()
+        )
+    probs, cand_logp, cand_ids = sampling_distribution(
+        token_logp, trans_logp, temperature=temperature, top_p=top_p, top_tokens=c
+    )
+    draw = torch.multinomial(probs.view(B * L, L * c), K, replacement=True, generator=generator)
+    draw = draw.view(B, L, K)
+    last = (graph_lens - 1).long().view(B, 1).expand(B, K)
+    cur = torch.zeros(B, K, dtype=torch.long, device=token_logp.device)
+    choice = torch.zeros_like(cur)  # rank of the token shown at cur
+    done = cur >= last
+    flat_trans = trans_logp.float().reshape(B, L * L)
+    trans_score = torch.zeros(B, K, dtype=torch.float32, device=token_logp.device)
+    vertices, choices = [cur], [choice]
+    for _ in range(L - 1):
+        if bool(done.all()):
+            break
+        cand = draw.gather(1, cur.unsqueeze(1)).squeeze(1)  # (B, K)
+        nxt = torch.where(done, cur, cand // c)
+        choice = torch.where(done, choice, cand % c)
+        edge = flat_trans.gather(1, cur * L + nxt)
+        trans_score = trans_score + torch.where(done, torch.zeros_like(edge), edge)
+        cur = nxt
+        vertices.append(cur)
+        choices.append(choice)
+        done = done | (cur >= last)
+    paths = torch.stack(vertices, dim=2)  # (B, K, P)
+    P = paths.shape[2]
+    valid = torch.ones(B, K, P, dtype=torch.bool, device=paths.device)
+    valid[:, :, 1:] = paths[:, :, 1:] != paths[:, :, :-1]
+    flat = (paths * c + torch.stack(choices, dim=2)).reshape(B, K * P)  # index into (L * c)
+    raw = cand_ids.reshape(B, L * c).gather(1, flat).view(B * K, P)
+    token_score = (cand_logp.reshape(B, L * c).gather(1, flat).view(B, K, P) * valid).sum(-1)
+    tokens = collapse_tokens(raw, valid.view(B * K, P), special_ids=special_ids, pad_id=pad_id)
+    lengths = (tokens != pad_id).sum(-1).view(B, K)
+    return DagSamples(
+        tokens.view(B, K, -1), lengths, paths, valid.sum(-1), trans_score, token_score
+    )
+
+
+def rerank_scores(samples: DagSamples, *, beta: float) -> torch.Tensor:  # (B, K)
+    """beta * (mean token log-prob per vertex) + (1 - beta) * (mean transition log-prob per edge).
+
+    CoDAT's inference score beta * log q(y | x, a) + (1 - beta) * log q(a | x), each term
+    length-normalised so that short and long hypotheses compete fairly.
+    """
+    n_vertices = samples.path_lens.to(samples.token_score.dtype)
+    n_edges = (n_vertices - 1).clamp(min=1)
+    return beta * samples.token_score / n_vertices + (1 - beta) * samples.trans_score / n_edges
+
+
+def pick_best(samples: DagSamples, scores: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """The highest-scoring hypothesis of each sentence, (B, T) padded with pad_id."""
+    best = scores.argmax(dim=1)  # (B,)
+    rows = torch.arange(len(best), device=best.device)
+    out = samples.tokens[rows, best]
+    width = max(int(samples.lengths[rows, best].max()) if len(best) else 0, 1)
+    return out[:, :width]
+
+
+def sample_decode(
+    token_logp: torch.Tensor,  # (B, L, V)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    beta: float,
+    generator: torch.Generator | None,
+    special_ids: tuple[int, ...],
+    pad_id: int,
+    top_tokens: int = 1,
+) -> torch.Tensor:  # (B, T)
+    """Sample K hypotheses per sentence and return the best under `rerank_scores`."""
+    samples = sample_dag(
+        token_logp,
+        trans_logp,
+        graph_lens,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        special_ids=special_ids,
+        pad_id=pad_id,
+        top_tokens=top_tokens,
+    )
+    return pick_best(samples, rerank_scores(samples, beta=beta), pad_id=pad_id)

@@ -6,6 +6,7 @@ import argparse
 import pathlib
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 import sentencepiece as spm
 import torch
@@ -15,26 +16,26 @@ from codat.checkpoint import load_checkpoint_config, load_weights
 from codat.config import DecodeConfig
 from codat.dat import DagOutput, DATransformer
 from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, token_batches
-from codat.decode import greedy_decode, joint_viterbi_decode, lookahead_decode
+from codat.decode import greedy_decode, joint_viterbi_decode, lookahead_decode, sample_decode
 
-Decoder = Callable[[DagOutput, DecodeConfig], torch.Tensor]
+Decoder = Callable[[DagOutput, DecodeConfig, torch.Generator], torch.Tensor]
 
 
-def _lookahead(out: DagOutput, dc: DecodeConfig) -> torch.Tensor:
+def _lookahead(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
     logp = torch.log_softmax(out.token_logits.float(), dim=-1)
     return lookahead_decode(
         logp, out.trans_logp, out.graph_lens, beta=dc.beta, special_ids=SPECIAL_IDS, pad_id=PAD_ID
     )
 
 
-def _greedy(out: DagOutput, dc: DecodeConfig) -> torch.Tensor:
+def _greedy(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
     logp = torch.log_softmax(out.token_logits.float(), dim=-1)
     return greedy_decode(
         logp, out.trans_logp, out.graph_lens, special_ids=SPECIAL_IDS, pad_id=PAD_ID
     )
 
 
-def _joint_viterbi(out: DagOutput, dc: DecodeConfig) -> torch.Tensor:
+def _joint_viterbi(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
     logp = torch.log_softmax(out.token_logits.float(), dim=-1)
     return joint_viterbi_decode(
         logp,
@@ -46,11 +47,49 @@ def _joint_viterbi(out: DagOutput, dc: DecodeConfig) -> torch.Tensor:
     )
 
 
+def _sample(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
+    logp = torch.log_softmax(out.token_logits.float(), dim=-1)
+    return sample_decode(
+        logp,
+        out.trans_logp,
+        out.graph_lens,
+        num_samples=dc.samples,
+        temperature=dc.temperature,
+        top_p=dc.top_p,
+        top_tokens=dc.top_tokens,
+        beta=dc.sample_beta,
+        generator=generator,
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+    )
+
+
 DECODERS: dict[str, Decoder] = {
     "lookahead": _lookahead,
     "greedy": _greedy,
     "viterbi": _joint_viterbi,
+    "sample": _sample,
 }
+
+
+def batch_sources(
+    sources: list[torch.Tensor], model: DATransformer, max_tokens: int
+) -> tuple[list[torch.Tensor], torch.Tensor, list[list[int]]]:
+    """Truncate to the model's limit, bucket by graph size: (sources, lengths + </s>, batches)."""
+    max_src = model.cfg.max_source_positions
+    sources = [s[: max_src - 1] for s in sources]
+    lens = torch.tensor([len(s) + 1 for s in sources], dtype=torch.long)
+    graph = torch.floor(lens.double() * model.cfg.upsample_scale).long()
+    return sources, lens, token_batches(graph, max_tokens=max_tokens, shuffle=False)
+
+
+def source_tensor(sources: list[torch.Tensor], lens: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """The padded, </s>-terminated source batch of the examples `idx`."""
+    src = torch.full((len(idx), int(lens[idx].max())), PAD_ID, dtype=torch.long)
+    for row, i in enumerate(idx):
+        src[row, : len(sources[i])] = sources[i]
+        src[row, len(sources[i])] = EOS_ID
+    return src
 
 
 @torch.no_grad()
@@ -68,19 +107,13 @@ def translate_ids(
     decoder = DECODERS[dc.decoder]
     was_training = model.training
     model.eval()
-    max_src = model.cfg.max_source_positions
-    sources = [s[: max_src - 1] for s in sources]
-    lens = torch.tensor([len(s) + 1 for s in sources], dtype=torch.long)
-    graph = torch.floor(lens.double() * model.cfg.upsample_scale).long()
-    batches = token_batches(graph, max_tokens=dc.max_tokens, shuffle=False)
+    sources, lens, batches = batch_sources(sources, model, dc.max_tokens)
+    generator = torch.Generator(device=device).manual_seed(dc.seed)
     results: list[list[int]] = [[] for _ in sources]
     for idx in tqdm(batches, desc="decode", unit="batch", disable=not progress, leave=False):
-        src = torch.full((len(idx), int(lens[idx].max())), PAD_ID, dtype=torch.long)
-        for row, i in enumerate(idx):
-            src[row, : len(sources[i])] = sources[i]
-            src[row, len(sources[i])] = EOS_ID
+        src = source_tensor(sources, lens, idx)
         out = model(src.to(device), lens[idx].to(device))
-        ids = decoder(out, dc).cpu()
+        ids = decoder(out, dc, generator).cpu()
         for row, i in enumerate(idx):
             results[i] = [t for t in ids[row].tolist() if t != PAD_ID]
     model.train(was_training)
@@ -116,14 +149,14 @@ class Translator:
         decoder: str | None = None,
         beta: float | None = None,
         progress: bool = False,
+        **decode_options,
     ) -> list[str]:
-        dc = self.decode_cfg
-        dc = DecodeConfig(
-            decoder=decoder or dc.decoder,
-            beta=dc.beta if beta is None else beta,
-            viterbi_beta=dc.viterbi_beta,
-            max_tokens=dc.max_tokens,
-        )
+        """Decode sentences. `beta` is the lookahead token weight, or for `sample` the rerank
+        weight; other `DecodeConfig` fields (samples, temperature, top_p, ...) pass by name."""
+        dc = replace(self.decode_cfg, **decode_options)
+        dc = replace(dc, decoder=decoder or dc.decoder)
+        if beta is not None:
+            dc = replace(dc, **{"sample_beta" if dc.decoder == "sample" else "beta": beta})
         ids = [
             torch.tensor(x, dtype=torch.long)
             for x in self.sp.encode([s.strip() for s in sentences])
@@ -158,7 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decoder", choices=sorted(DECODERS), default=None, help="default: the run's config"
     )
-    p.add_argument("--beta", type=float, default=None, help="lookahead token-score weight")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="lookahead: token-score weight; sample: rerank weight of the token score",
+    )
+    p.add_argument("--samples", type=int, default=None, help="sample: hypotheses per sentence")
+    p.add_argument("--temperature", type=float, default=None, help="sample: temperature")
+    p.add_argument("--top-p", type=float, default=None, help="sample: top-p of each step")
+    p.add_argument("--top-tokens", type=int, default=None, help="sample: tokens per vertex")
+    p.add_argument("--seed", type=int, default=None, help="sample: random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     a = p.parse_args(argv)
@@ -169,7 +212,20 @@ def main(argv: list[str] | None = None) -> int:
         lines = sys.stdin.read().splitlines()
     else:
         lines = pathlib.Path(a.input).read_text(encoding="utf-8").splitlines()
-    hyps = translator.generate(lines, decoder=a.decoder, beta=a.beta, progress=a.output != "-")
+    options = {
+        k: v
+        for k, v in (
+            ("samples", a.samples),
+            ("temperature", a.temperature),
+            ("top_p", a.top_p),
+            ("top_tokens", a.top_tokens),
+            ("seed", a.seed),
+        )
+        if v is not None
+    }
+    hyps = translator.generate(
+        lines, decoder=a.decoder, beta=a.beta, progress=a.output != "-", **options
+    )
     text = "".join(h + "\n" for h in hyps)
     if a.output == "-":
         sys.stdout.write(text)

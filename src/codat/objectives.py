@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from codat.dag import dag_log_likelihood
+from codat.dag import dag_log_likelihood, dag_log_likelihood_shared
 
 
 def gather_token_logp(
@@ -37,3 +37,100 @@ def dag_nll(
     invalid = ~torch.isfinite(ll)
     per_sentence = -torch.where(invalid, torch.zeros_like(ll), ll) / target_lens.to(ll.dtype)
     return per_sentence.mean(), per_sentence.detach(), int(invalid.sum())
+
+
+def sample_targets(
+    tokens: torch.Tensor,  # (B, K, T) output ids, pad_id-padded
+    lengths: torch.Tensor,  # (B, K)
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, K, T + 2), (B, K)
+    """Encode hypotheses exactly as references are encoded for the DP: <s> y </s>."""
+    B, K, T = tokens.shape
+    pos = torch.arange(T + 2, device=tokens.device)
+    n = lengths.unsqueeze(-1)
+    body = torch.cat(
+        [tokens.new_full((B, K, 1), bos_id), tokens, tokens.new_full((B, K, 1), pad_id)], -1
+    )
+    out = body.masked_fill(pos == n + 1, eos_id).masked_fill(pos > n + 1, pad_id)
+    return out, lengths + 2
+
+
+def samples_log_q(
+    token_logp_vocab: torch.Tensor,  # (B, L, V) float32 log-probs of the un-glanced DAG
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    targets: torch.Tensor,  # (B, K, N) <s> y </s> ids
+    target_lens: torch.Tensor,  # (B, K)
+) -> torch.Tensor:  # (B, K)
+    """log q(y'_k | x) / |y'_k|: the DAG marginal of each sample (the DP over all paths, not only
+    the sampled one), normalised by target length exactly as the DP loss is (method.md §9.6).
+    The K samples of a sentence share its transitions (`dag_log_likelihood_shared`)."""
+    B, L, _ = token_logp_vocab.shape
+    _, K, N = targets.shape
+    tok = token_logp_vocab.gather(-1, targets.reshape(B, 1, K * N).expand(B, L, K * N))
+    tok = tok.view(B, L, K, N).permute(0, 2, 1, 3)  # (B, K, L, N)
+    ll = dag_log_likelihood_shared(tok, trans_logp, graph_lens, target_lens)
+    return ll / target_lens.to(ll.dtype)
+
+
+def _finite_only(
+    scores: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop samples whose score is not finite (no path of their length): they pass no gradient."""
+    finite = torch.isfinite(scores)
+    mask = finite if mask is None else mask & finite
+    return mask, torch.where(mask, scores, torch.zeros_like(scores))
+
+
+def contrastive_loss(
+    scores: torch.Tensor,  # (B, K) length-normalised log q of each kept sample
+    rewards: torch.Tensor,  # (B, K)
+    *,
+    margin: float,
+    mask: torch.Tensor | None = None,  # (B, K) bool: samples that take part
+    tie: float = 0.0,
+) -> torch.Tensor:  # scalar
+    """CoDAT's ranking constraints (eq. 10), all pairs at once.
+
+    Rank the samples of a sentence by reward, best first (rank 0). For every pair (i, j) where i
+    is better (R_i - R_j > `tie`) the constraint is s_i >= s_j + (rank_j - rank_i) * margin, and
+    its loss max(0, s_j - s_i + (rank_j - rank_i) * margin). This is the paper's
+    L_ij = max(0, -log q(y_i) + log q(y_j) + (i - j) eps) with the paper's worst-first indices
+    turned into best-first ranks. Pairs within `tie` (e.g. duplicate samples) and masked samples
+    take no part. Returns the mean over all constrained pairs (0 when there are none).
+    """
+    if scores.shape != rewards.shape or scores.dim() != 2:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and rewards {tuple(rewards.shape)} must match (B, K)"
+        )
+    mask, scores = _finite_only(scores, mask)
+    # Best-first ranks among the sentence's participating samples (stable for equal rewards).
+    key = torch.where(mask, rewards.double(), float("-inf"))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    gap = (rank.unsqueeze(1) - rank.unsqueeze(2)).to(scores.dtype)  # [b, i, j] = rank_j - rank_i
+    better = (rewards.unsqueeze(2) - rewards.unsqueeze(1)) > tie  # [b, i, j]: i beats j
+    pair = better & mask.unsqueeze(2) & mask.unsqueeze(1)
+    violation = scores.unsqueeze(1) - scores.unsqueeze(2) + gap * margin  # s_j - s_i + gap * eps
+    loss = torch.relu(violation) * pair
+    return loss.sum() / pair.sum().clamp(min=1)
+
+
+def reinforce_loss(
+    log_q: torch.Tensor,  # (B, K) log q of samples (with grad)
+    rewards: torch.Tensor,  # (B, K)
+    baseline: torch.Tensor,  # (B,) e.g. the mean reward of all K samples
+    *,
+    mask: torch.Tensor | None = None,  # (B, K) bool
+) -> torch.Tensor:  # scalar
+    """The "+Reward" objective (paper §3.1, Appendix A): minimise -E_q[R], by REINFORCE with a
+    baseline: -mean over samples of (R_k - baseline) * log q(y_k)."""
+    mask, log_q = _finite_only(log_q, mask)
+    advantage = (rewards - baseline.unsqueeze(1)).to(log_q.dtype).detach()
+    terms = -(advantage * log_q) * mask
+    return terms.sum() / mask.sum().clamp(min=1)

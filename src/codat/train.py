@@ -23,12 +23,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from codat import distributed
-from codat.checkpoint import load_optimizer, load_weights, save_checkpoint
-from codat.config import RunConfig, save_config
+from codat.checkpoint import (
+    load_checkpoint_config,
+    load_optimizer,
+    load_weights,
+    save_checkpoint,
+)
+from codat.config import RunConfig, TrainConfig, save_config
+from codat.contrastive import SampleSettings, sample_terms
 from codat.dag import dag_best_path
-from codat.dat import DATransformer
+from codat.dat import DagOutput, DATransformer
 from codat.data import Batch, ParallelData, read_meta, shard, token_batches
-from codat.generate import translate_ids
+from codat.generate import resolve_checkpoint, translate_ids
 from codat.glancing import choose_glanced, force_alignment, glance_ratio
 from codat.objectives import dag_nll, gather_token_logp
 
@@ -42,6 +48,30 @@ def inverse_sqrt_lr(step: int, *, lr: float, warmup: int, init_lr: float) -> flo
     return lr * math.sqrt(max(warmup, 1) / max(step, 1))
 
 
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    if tc.lr_schedule == "constant":
+        if tc.warmup_steps > 0 and step < tc.warmup_steps:
+            return tc.warmup_init_lr + (tc.lr - tc.warmup_init_lr) * step / tc.warmup_steps
+        return tc.lr
+    return inverse_sqrt_lr(step, lr=tc.lr, warmup=tc.warmup_steps, init_lr=tc.warmup_init_lr)
+
+
+def sample_settings(tc: TrainConfig, *, objective: str | None = None, alpha=None):
+    """The CoDAT sampling/ranking knobs of a train config (method.md §9.10)."""
+    return SampleSettings(
+        objective=objective or tc.objective,
+        samples=tc.cl_samples,
+        keep=tc.cl_keep,
+        temperature=tc.cl_temperature,
+        top_p=tc.cl_top_p,
+        top_tokens=tc.cl_top_tokens,
+        margin=tc.cl_margin,
+        tie=tc.cl_tie,
+        alpha=(tc.cl_alpha if tc.cl_alpha > 0 else math.inf) if alpha is None else alpha,
+        reward_samples=tc.reward_samples,
+    )
+
+
 def dat_loss(
     model: torch.nn.Module,  # possibly DDP-wrapped
     core: DATransformer,  # the unwrapped module, for the no-grad glancing pass
@@ -50,9 +80,10 @@ def dat_loss(
     ratio: float,
     generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, dict, DagOutput | None]:
     """DP loss of one micro-batch with glancing (method.md §4): pass 1 without grad finds the best
-    alignment and the revealed vertices; pass 2, with identical dropout masks, is trained."""
+    alignment and the revealed vertices; pass 2, with identical dropout masks, is trained.
+    Also returns pass 2's output when nothing was glanced (so CoDAT can reuse it), else None."""
     stats = {}
     graph_ids = None
     path = keep = None
@@ -89,7 +120,33 @@ def dat_loss(
         token_logp = force_alignment(token_logp, path, keep)
     loss, _, invalid = dag_nll(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
     stats["invalid"] = invalid
-    return loss, stats
+    return loss, stats, (out if keep is None else None)
+
+
+def training_loss(
+    model: torch.nn.Module,
+    core: DATransformer,
+    batch: Batch,
+    *,
+    tc: TrainConfig,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict]:
+    """The configured objective: the DP loss, plus for codat/reward the sample term computed on
+    the un-glanced DAG (the samples come from the model as it decodes, method.md §9.8)."""
+    loss, stats, out = dat_loss(
+        model, core, batch, ratio=ratio, generator=generator, autocast=autocast
+    )
+    if tc.objective == "dp":
+        return loss, stats
+    stats["dp_loss"] = float(loss.detach())
+    if out is None:
+        with autocast:  # the unwrapped module: its gradients join the DDP model's in one backward
+            out = core(batch.src_ids, batch.src_lens)
+    extra, sample_stats = sample_terms(out, batch, sample_settings(tc), generator)
+    stats.update(sample_stats)
+    return loss + tc.cl_weight * extra, stats
 
 
 @dataclass(frozen=True)
@@ -115,25 +172,56 @@ class Validation:
         sp = spm.SentencePieceProcessor(model_file=str(spm_path))
         return cls(data, refs, sp, spm_path, device, autocast)
 
-    def evaluate(self, core: DATransformer, cfg: RunConfig) -> dict:
-        """Validation DP loss (no glancing) and sacreBLEU of the configured decoder."""
+    @torch.no_grad()
+    def dp_loss(self, core: DATransformer, cfg: RunConfig) -> float:
+        """Mean per-sentence, length-normalised DP loss (no glancing) of the split."""
+        was_training = core.training
         core.eval()
         total, count = 0.0, 0
         sizes = torch.maximum(self.data.src_lens, self.data.tgt_lens)
-        with torch.no_grad():
-            for idx in token_batches(sizes, max_tokens=cfg.train.max_tokens, shuffle=False):
-                b = self.data.collate(idx).to(self.device)
-                with self.autocast:
-                    out = core(b.src_ids, b.src_lens)
-                tok = gather_token_logp(out.token_logits, b.tgt_ids)
-                _, per, _ = dag_nll(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
-                total, count = total + float(per.sum()), count + len(idx)
+        for idx in token_batches(sizes, max_tokens=cfg.train.max_tokens, shuffle=False):
+            b = self.data.collate(idx).to(self.device)
             with self.autocast:
-                hyp_ids = translate_ids(core, self.data.src, cfg.decode, device=self.device)
+                out = core(b.src_ids, b.src_lens)
+            tok = gather_token_logp(out.token_logits, b.tgt_ids)
+            _, per, _ = dag_nll(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
+            total, count = total + float(per.sum()), count + len(idx)
+        core.train(was_training)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def sample_stats(self, core: DATransformer, cfg: RunConfig) -> dict:
+        """The contrastive loss of the first `eval_cl_sentences` sentences (paper Figure 2), with
+        no DP gate, plus the mean and oracle (best-of-K) sentence BLEU of their samples."""
+        n = min(cfg.train.eval_cl_sentences, len(self.data))
+        settings = sample_settings(cfg.train, objective="codat", alpha=math.inf)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
+        core.eval()
+        sums: dict[str, float] = {}
+        sizes = torch.maximum(self.data.src_lens[:n], self.data.tgt_lens[:n])
+        max_tokens = max(cfg.train.max_tokens // 4, 64)  # K samples per sentence
+        for idx in token_batches(sizes, max_tokens=max_tokens, shuffle=False):
+            b = self.data.collate(idx).to(self.device)
+            with self.autocast:
+                out = core(b.src_ids, b.src_lens)
+            _, stats = sample_terms(out, b, settings, generator)
+            for key in ("cl_loss", "sample_bleu", "oracle_bleu"):
+                sums[key] = sums.get(key, 0.0) + stats.get(key, 0.0) * len(idx)
+        core.train()
+        return {f"valid_{k}": v / max(n, 1) for k, v in sums.items()}
+
+    def evaluate(self, core: DATransformer, cfg: RunConfig) -> dict:
+        """Validation DP loss (no glancing) and sacreBLEU of the configured decoder."""
+        result = {"valid_loss": self.dp_loss(core, cfg)}
+        if cfg.train.eval_cl_sentences > 0:
+            result.update(self.sample_stats(core, cfg))
+        core.eval()
+        with torch.no_grad(), self.autocast:
+            hyp_ids = translate_ids(core, self.data.src, cfg.decode, device=self.device)
         core.train()
         hyps = [self.sp.decode(h) for h in hyp_ids]
         bleu = sacrebleu.corpus_bleu(hyps, [self.refs])
-        return {"valid_loss": total / max(count, 1), "valid_bleu": bleu.score, "example": hyps[0]}
+        return {**result, "valid_bleu": bleu.score, "example": hyps[0]}
 
 
 def build_model(cfg: RunConfig) -> tuple[RunConfig, DATransformer]:
@@ -163,7 +251,15 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     if resume and not (last_dir / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume: {last_dir}/trainer_state.json not found")
 
+    if cfg.train.init_from and not resume:
+        init_dir = resolve_checkpoint(cfg.train.init_from)
+        init_cfg = load_checkpoint_config(init_dir)
+        if init_cfg.model != replace(cfg.model, vocab_size=init_cfg.model.vocab_size):
+            log.info("train.init_from: using the model config of %s", init_dir)
+        cfg = replace(cfg, model=init_cfg.model)
     cfg, core = build_model(cfg)
+    if cfg.train.init_from and not resume:
+        load_weights(init_dir, core, device)
     core.to(device)
     train_data = ParallelData.load(cfg.data.dir, cfg.data.train_split)
     ok = train_data.trainable_mask(
@@ -190,6 +286,12 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     )
     validation = Validation.load(cfg, device, autocast)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + dist.rank)
+    if cfg.train.objective != "dp" and cfg.train.cl_alpha <= 0 and not resume:
+        # alpha = the warmed-up model's mean validation DP loss (paper §3.3), stored in config.yaml.
+        alpha = validation.dp_loss(core, cfg)
+        cfg = replace(cfg, train=replace(cfg.train, cl_alpha=round(alpha, 4)))
+        if dist.is_main:
+            log.info("train.cl_alpha = %.4f (mean validation DP loss of the initial model)", alpha)
 
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,12 +330,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
         updates = len(batches) // cfg.train.update_freq
         while state["batch_in_epoch"] < updates:
             step = state["step"]
-            lr = inverse_sqrt_lr(
-                step,
-                lr=cfg.train.lr,
-                warmup=cfg.train.warmup_steps,
-                init_lr=cfg.train.warmup_init_lr,
-            )
+            lr = learning_rate(step, cfg.train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ratio = glance_ratio(
@@ -250,8 +347,14 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
                 sync = k == len(micro) - 1 or dist.world_size == 1
                 ctx = contextlib.nullcontext() if sync else model.no_sync()
                 with ctx:
-                    loss, stats = dat_loss(
-                        model, core, batch, ratio=ratio, generator=generator, autocast=autocast
+                    loss, stats = training_loss(
+                        model,
+                        core,
+                        batch,
+                        tc=cfg.train,
+                        ratio=ratio,
+                        generator=generator,
+                        autocast=autocast,
                     )
                     (loss / len(micro)).backward()
                 loss_sum += float(loss.detach()) / len(micro)
@@ -313,6 +416,7 @@ def _eval_and_checkpoint(core, optimizer, cfg, state, validation, metrics, bar) 
         "step": state["step"],
         "valid_loss": round(result["valid_loss"], 4),
         "valid_bleu": round(result["valid_bleu"], 2),
+        **{k: round(v, 4) for k, v in result.items() if k.startswith("valid_") and "_" in k[6:]},
         "elapsed_s": round(state["elapsed_s"], 1),
     }
     metrics.write(json.dumps(row) + "\n")
