@@ -385,3 +385,52 @@ def loop_candidate_probs(
         z = sum(math.exp(joint[c] / temperature - m) for c in kept)
         out.append({c: math.exp(joint[c] / temperature - m) / z for c in kept})
     return out
+
+
+def loop_duplicate_mask(
+    tokens: list[list[list[int]]],  # [b][k] the sample's ids (anything may follow its length)
+    lengths: list[list[int]],  # [b][k]
+) -> list[list[bool]]:
+    """True at [b][k] when sample k of sentence b equals an earlier sample j < k of the same
+    sentence, both read only up to their own lengths (so different lengths never match)."""
+    out = []
+    for sent, lens in zip(tokens, lengths, strict=True):
+        seen: set[tuple[int, ...]] = set()
+        row = []
+        for seq, n in zip(sent, lens, strict=True):
+            key = tuple(seq[:n])
+            row.append(key in seen)
+            seen.add(key)
+        out.append(row)
+    return out
+
+
+def loop_uniform_copy(src_len: int, tgt_len: int) -> list[int]:
+    """Gu et al. (2018) uniform copy for one sentence: decoder position t of T reads source token
+    round(t * (m - 1) / (T - 1)), rounding halves up, over the m = max(src_len - 1, 1) source
+    tokens before </s>; T = 1 reads token 0. Exact rational arithmetic."""
+    from fractions import Fraction
+
+    m = max(src_len - 1, 1)
+    if tgt_len == 1:
+        return [0]
+    return [math.floor(Fraction(t * (m - 1), tgt_len - 1) + Fraction(1, 2)) for t in range(tgt_len)]
+
+
+def loop_nat_sample_scores(model, src_ids, src_lens, tokens, lengths) -> torch.Tensor:
+    """sum_t log softmax(logits_t)[y_t] / T of every NAT candidate, one sentence and one candidate
+    at a time: the unpadded source alone through `model` with decoder length T = lengths[b][k],
+    then a Python loop over positions. Returns (B, K) with the model's gradient."""
+    B, K, _ = tokens.shape
+    rows = []
+    for b in range(B):
+        S = int(src_lens[b])
+        row = []
+        for k in range(K):
+            T = int(lengths[b, k])
+            out = model(src_ids[b : b + 1, :S], src_lens[b : b + 1], lengths[b, k : k + 1])
+            logp = torch.log_softmax(out.token_logits[0].double(), dim=-1)
+            total = sum(logp[t, int(tokens[b, k, t])] for t in range(T))
+            row.append(total / T)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)

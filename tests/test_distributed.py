@@ -324,3 +324,157 @@ def test_torchrun_two_ranks_trains_and_writes_run_dir(tmp_path):
     assert all(r["loss"] > 0 and r["glance"] == 0.5 for r in losses)
     assert [r["step"] for r in rows if "valid_bleu" in r] == [4]
     assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The CoDAT objective under DDP. `train.training_loss` adds a sample term computed on the
+# un-glanced DAG: at glancing ratio 0 it reuses the output of the DDP forward; at ratio > 0 it
+# runs a second forward through the unwrapped `core`, whose gradient must still be all-reduced by
+# DDP in the same backward. Compared, for both ratios: each rank's gradient (2 ranks, one half of
+# the batch each, a per-half generator seed for glancing and sampling) with the single-process
+# gradient of the mean of the two half losses (same seeds), and the per-rank loss and statistics
+# with the single-process ones of that half.
+
+CODAT_RATIOS = (0.0, 0.5)
+CODAT_SEEDS = (101, 202)  # generator seed of half 0 and of half 1 (glancing, then sampling)
+
+
+def _codat_tc(objective: str = "codat"):
+    from codat.config import TrainConfig
+
+    # A random model shows <unk> at most vertices: 3 tokens per vertex, untempered, for variety.
+    return TrainConfig(
+        objective=objective,
+        cl_samples=8,
+        cl_keep=0.5,
+        cl_temperature=1.0,
+        cl_top_p=1.0,
+        cl_top_tokens=3,
+        glance_start=0.0,
+        glance_end=0.0,
+    )
+
+
+def _codat_batch(half: int):
+    """The sources of STEP_HALVES[half], with each reference the longest of 8 samples of the
+    model (cut to fit the graph), so that the samples' sentence BLEU (the reward) varies."""
+    from codat.data import PAD_ID, SPECIAL_IDS
+    from codat.decode import sample_dag
+
+    data = _data()
+    src = [data.src[i] for i in STEP_HALVES[half]]
+    b = ParallelData(src, [data.tgt[i] for i in STEP_HALVES[half]]).collate([0, 1])
+    with torch.no_grad():
+        out = _model()(b.src_ids, b.src_lens)
+        s = sample_dag(
+            torch.log_softmax(out.token_logits.float(), -1),
+            out.trans_logp,
+            out.graph_lens,
+            num_samples=8,
+            temperature=1.0,
+            top_p=1.0,
+            top_tokens=3,
+            generator=torch.Generator().manual_seed(7),
+            special_ids=SPECIAL_IDS,
+            pad_id=PAD_ID,
+        )
+    tgt = []
+    for row in range(len(src)):
+        k = int(s.lengths[row].argmax())
+        n = min(int(s.lengths[row, k]), int(out.graph_lens[row]) - 2)
+        tgt.append(s.tokens[row, k, :n])
+    return ParallelData(src, tgt).collate([0, 1])
+
+
+def _codat_loss(model, core, batch, ratio: float, half: int, objective: str = "codat"):
+    from codat.train import training_loss
+
+    return training_loss(
+        model,
+        core,
+        batch,
+        tc=_codat_tc(objective),
+        ratio=ratio,
+        generator=torch.Generator().manual_seed(CODAT_SEEDS[half]),
+        autocast=contextlib.nullcontext(),
+    )
+
+
+def _codat_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One DDP rank (spawned): for each ratio, the codat loss, stats and gradient of its half."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    info = DistInfo.from_env()
+    distributed.setup(info)
+    try:
+        result = {}
+        batch = _codat_batch(rank)
+        for ratio in CODAT_RATIOS:
+            core = _model()
+            model = DistributedDataParallel(core)
+            loss, stats = _codat_loss(model, core, batch, ratio, rank)
+            loss.backward()
+            result[ratio] = (float(loss.detach()), stats, _grads(core))
+        distributed.barrier(info)
+    finally:
+        distributed.teardown(info)
+    torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def codat_ddp_results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp_codat")
+    ctx = mp.start_processes(
+        _codat_worker,
+        args=(WORLD, _free_port(), str(out)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("ratio", CODAT_RATIOS)
+def test_ddp_codat_objective_gradients_equal_single_process(codat_ddp_results, ratio):
+    core = _model()
+    halves = [_codat_loss(core, core, _codat_batch(h), ratio, h) for h in range(WORLD)]
+    (sum(loss for loss, _ in halves) / WORLD).backward()
+    expected = _grads(core)
+    # The sample term is live: some ranking constraint is violated, and it moves the gradient.
+    assert any(stats["cl_loss"] > 0 for _, stats in halves)
+    assert all(stats["gate_pass"] == 1.0 for _, stats in halves)
+    assert ("glanced" in halves[0][1]) == (ratio > 0)
+    dp_only = _model()  # the same glancing (same seeds), without the sample term
+    dp = [_codat_loss(dp_only, dp_only, _codat_batch(h), ratio, h, "dp")[0] for h in range(WORLD)]
+    (sum(dp) / WORLD).backward()
+    assert max(float((expected[n] - g).abs().max()) for n, g in _grads(dp_only).items()) > 1e-4
+    # Each half alone has another gradient: a rank whose gradient (of either forward) was not
+    # all-reduced would not match `expected`.
+    alone = _model()
+    _codat_loss(alone, alone, _codat_batch(0), ratio, 0)[0].backward()
+    assert max(float((expected[n] - g).abs().max()) for n, g in _grads(alone).items()) > 1e-4
+
+    for rank, res in enumerate(codat_ddp_results):
+        loss, stats, grads = res[ratio]
+        assert loss == pytest.approx(halves[rank][0].item(), abs=1e-6)
+        assert stats.keys() == halves[rank][1].keys()
+        for key, value in halves[rank][1].items():
+            assert stats[key] == pytest.approx(value, abs=1e-6), key
+        _assert_grads_close(grads, expected, atol=1e-6)
+    _assert_grads_close(codat_ddp_results[0][ratio][2], codat_ddp_results[1][ratio][2], atol=1e-7)

@@ -97,7 +97,8 @@ def sample_terms(
         )
         ref_ids, ref_lens = reference_content(batch)
         rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
-        gate = reference_dp_loss(logp, out, batch) <= settings.alpha  # (B,) NaN/inf fail
+        ref_loss = reference_dp_loss(logp, out, batch)  # (B,); inf when no path
+        gate = torch.isfinite(ref_loss) & (ref_loss <= settings.alpha)
         duplicates = duplicate_mask(samples.tokens, samples.lengths)
     stats = {
         "gate_pass": float(gate.float().mean()),
@@ -107,6 +108,7 @@ def sample_terms(
     }
     rows = gate.nonzero().squeeze(1)
     if len(rows) == 0:
+        stats["cl_loss" if settings.objective == "codat" else "reward_loss"] = 0.0
         return logp.new_zeros(()), stats
 
     if settings.objective == "codat":

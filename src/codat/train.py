@@ -257,6 +257,12 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
         if init_cfg.model != replace(cfg.model, vocab_size=init_cfg.model.vocab_size):
             log.info("train.init_from: using the model config of %s", init_dir)
         cfg = replace(cfg, model=init_cfg.model)
+    if resume:
+        # The run's own resolved config wins for what stage 2 computed or inherited.
+        saved = load_checkpoint_config(last_dir)
+        cfg = replace(cfg, model=saved.model)
+        if cfg.train.objective != "dp" and cfg.train.cl_alpha <= 0:
+            cfg = replace(cfg, train=replace(cfg.train, cl_alpha=saved.train.cl_alpha))
     cfg, core = build_model(cfg)
     if cfg.train.init_from and not resume:
         load_weights(init_dir, core, device)
