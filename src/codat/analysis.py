@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from codat.config import DecodeConfig
 from codat.dag import dag_log_likelihood
-from codat.data import PAD_ID, SPECIAL_IDS, Batch, ParallelData, token_batches
-from codat.decode import DagSamples, pick_best, rerank_scores, sample_dag
-from codat.generate import Translator
+from codat.data import PAD_ID, Batch, ParallelData, token_batches
+from codat.decode import DagSamples, pick_best, rerank_scores
+from codat.generate import Translator, draw_samples
 from codat.objectives import gather_token_logp
 from codat.rewards import sentence_bleu
 
@@ -51,18 +51,7 @@ def sample_split(
         out = model(b.src_ids, b.src_lens)
         tok = gather_token_logp(out.token_logits, b.tgt_ids)
         ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
-        samples = sample_dag(
-            torch.log_softmax(out.token_logits.float(), dim=-1),
-            out.trans_logp,
-            out.graph_lens,
-            num_samples=dc.samples,
-            temperature=dc.temperature,
-            top_p=dc.top_p,
-            top_tokens=dc.top_tokens,
-            generator=generator,
-            special_ids=SPECIAL_IDS,
-            pad_id=PAD_ID,
-        )
+        samples = draw_samples(out, dc, generator)
         yield b, ll, samples
 
 

@@ -16,7 +16,15 @@ from codat.checkpoint import load_checkpoint_config, load_weights
 from codat.config import DecodeConfig
 from codat.dat import DagOutput, DATransformer
 from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, token_batches
-from codat.decode import greedy_decode, joint_viterbi_decode, lookahead_decode, sample_decode
+from codat.decode import (
+    DagSamples,
+    greedy_decode,
+    joint_viterbi_decode,
+    lookahead_decode,
+    pick_best,
+    rerank_scores,
+    sample_dag,
+)
 
 Decoder = Callable[[DagOutput, DecodeConfig, torch.Generator], torch.Tensor]
 
@@ -47,21 +55,25 @@ def _joint_viterbi(out: DagOutput, dc: DecodeConfig, generator: torch.Generator)
     )
 
 
-def _sample(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
-    logp = torch.log_softmax(out.token_logits.float(), dim=-1)
-    return sample_decode(
-        logp,
+def draw_samples(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> DagSamples:
+    """K samples per sentence with `dc`'s samples / temperature / top_p / top_tokens."""
+    return sample_dag(
+        torch.log_softmax(out.token_logits.float(), dim=-1),
         out.trans_logp,
         out.graph_lens,
         num_samples=dc.samples,
         temperature=dc.temperature,
         top_p=dc.top_p,
         top_tokens=dc.top_tokens,
-        beta=dc.sample_beta,
         generator=generator,
         special_ids=SPECIAL_IDS,
         pad_id=PAD_ID,
     )
+
+
+def _sample(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
+    samples = draw_samples(out, dc, generator)
+    return pick_best(samples, rerank_scores(samples, beta=dc.sample_beta), pad_id=PAD_ID)
 
 
 DECODERS: dict[str, Decoder] = {
