@@ -434,3 +434,72 @@ def loop_nat_sample_scores(model, src_ids, src_lens, tokens, lengths) -> torch.T
             row.append(total / T)
         rows.append(torch.stack(row))
     return torch.stack(rows)
+
+
+def loop_label_smoothed_nll(
+    logits: torch.Tensor, target_ids: torch.Tensor, pad_id: int, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-smoothed cross-entropy token by token: (1 - eps) * -log p(y) + eps * mean_v -log p(v),
+    averaged over the non-pad targets; returns (loss, nll)."""
+    losses, nlls = [], []
+    for b in range(target_ids.shape[0]):
+        for t in range(target_ids.shape[1]):
+            y = int(target_ids[b, t])
+            if y == pad_id:
+                continue
+            logp = logits[b, t] - torch.logsumexp(logits[b, t], dim=0)
+            nlls.append(-logp[y])
+            losses.append((1 - epsilon) * -logp[y] + epsilon * -logp.sum() / len(logp))
+    return sum(losses) / len(losses), sum(nlls) / len(nlls)
+
+
+def rank_all_sequences(
+    sequence_logp, *, tokens: list[int], eos_id: int, max_len: int, length_penalty: float
+) -> list[tuple[float, list[int]]]:
+    """Every output of at most max_len tokens drawn from `tokens`, scored as beam search finishes
+    it: log p(y </s>) / (|y| + 1) ** length_penalty; best first. `sequence_logp(seq)` scores a
+    sequence ending in </s>."""
+    ranked = []
+    for n in range(max_len + 1):
+        for seq in itertools.product(tokens, repeat=n):
+            score = sequence_logp([*seq, eos_id]) / (n + 1) ** length_penalty
+            ranked.append((score, list(seq)))
+    return sorted(ranked, key=lambda item: item[0], reverse=True)
+
+
+def loop_beam_search(
+    next_logp,
+    *,
+    beam: int,
+    eos_id: int,
+    banned: tuple[int, ...],
+    max_len: int,
+    length_penalty: float,
+) -> list[int]:
+    """Beam search for one sentence with plain lists. `next_logp(prefix)` gives log p(v | prefix)
+    for every v. Per step: every extension of every live hypothesis, banned tokens (and, at
+    max_len, all but </s>) impossible; the 2K best; a </s> among the first K finishes (score
+    logp / (t + 1) ** length_penalty, K best finished kept); the first K others stay live. Stop at
+    max_len, or when K are finished and the best live hypothesis, normalised at its current length,
+    does not beat the worst finished one. Returns the best finished output without </s>."""
+    live = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    for t in range(max_len + 1):
+        candidates = []
+        for lp, seq in live:
+            for v, token_lp in enumerate(next_logp(seq)):
+                if v in banned or (t >= max_len and v != eos_id):
+                    continue
+                candidates.append((lp + token_lp, seq + [v]))
+        candidates = sorted(candidates, key=lambda item: item[0], reverse=True)[: 2 * beam]
+        for lp, seq in candidates[:beam]:
+            if seq[-1] == eos_id and math.isfinite(lp):
+                finished.append((lp / (t + 1) ** length_penalty, seq[:-1]))
+        finished = sorted(finished, key=lambda item: item[0], reverse=True)[:beam]
+        live = [(lp, s) for lp, s in candidates if s[-1] != eos_id and math.isfinite(lp)][:beam]
+        if t >= max_len:
+            break
+        best_live = max((lp for lp, _ in live), default=-math.inf) / (t + 1) ** length_penalty
+        if len(finished) == beam and best_live <= finished[-1][0]:
+            break
+    return finished[0][1]

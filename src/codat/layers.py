@@ -1,14 +1,30 @@
 """Transformer building blocks shared by every model: attention (SDPA), feed-forward, post-norm
 encoder and decoder layers, and the BERT-style initialisation (method.md §2.1).
 
-Layers take plain scalars, not config objects. Masks are bool with True = take part.
+Layers take plain scalars, not config objects. Masks are bool with True = take part. The
+autoregressive baseline (`codat.transformer`) reuses the same decoder layer with `causal=True` for
+training and `DecoderLayer.step` with a `LayerCache` for incremental decoding; the
+non-autoregressive models never pass either, so their path is unchanged.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class LayerCache(NamedTuple):
+    """What one decoder layer keeps between incremental decoding steps (fairseq's
+    `incremental_state`): the self-attention keys/values of the t positions decoded so far, which
+    grow by one per step, and the cross-attention keys/values of the source, computed once."""
+
+    self_keys: torch.Tensor  # (B, H, t, D/H)
+    self_values: torch.Tensor  # (B, H, t, D/H)
+    memory_keys: torch.Tensor  # (B, H, S, D/H)
+    memory_values: torch.Tensor  # (B, H, S, D/H)
 
 
 class MultiHeadAttention(nn.Module):
@@ -28,17 +44,60 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,  # (B, T, D) queries
         memory: torch.Tensor | None,  # (B, S, D) keys/values for cross-attention, else None
         key_mask: torch.Tensor,  # (B, S) bool, True = valid key
+        *,
+        causal: bool = False,  # self-attention only: query t also sees only keys <= t
     ) -> torch.Tensor:  # (B, T, D)
         B, T, D = x.shape
         H = self.heads
         if self.self_attention:
             q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
         else:
-            S = memory.shape[1]
             q = self.q(x).view(B, T, H, D // H).transpose(1, 2)
-            k, v = self.kv(memory).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+            k, v = self.memory_keys_values(memory)
+        attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        if causal:
+            if not self.self_attention:
+                raise ValueError("causal=True is for self-attention only")
+            # An explicit (T, T) lower triangle, not SDPA's is_causal, which cannot be combined
+            # with a key mask.
+            attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+    def memory_keys_values(
+        self,
+        memory: torch.Tensor,  # (B, S, D)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (B, H, S, D/H)
+        """Cross-attention keys and values of the source states."""
+        B, S, D = memory.shape
+        H = self.heads
+        k, v = self.kv(memory).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def step(
+        self,
+        x: torch.Tensor,  # (B, 1, D) the newest position only
+        keys: torch.Tensor,  # (B, H, t, D/H) cached keys (self) or memory keys (cross)
+        values: torch.Tensor,  # (B, H, t, D/H)
+        key_mask: torch.Tensor | None,  # (B, t') bool over the keys attended to; None = all
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, 1, D), keys, values
+        """Incremental attention for one new query position.
+
+        Self-attention appends x's own key/value to the cache first (so the query sees positions
+        <= t, i.e. causal attention) and returns the grown cache; cross-attention attends to the
+        given memory keys/values and returns them unchanged.
+        """
+        B, T, D = x.shape
+        H = self.heads
+        assert T == 1, "step() takes one position at a time"
+        if self.self_attention:
+            q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        else:
+            q = self.q(x).view(B, T, H, D // H).transpose(1, 2)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, D)), keys, values
 
 
 class FeedForward(nn.Module):
@@ -67,7 +126,8 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Post-norm self-attention (unmasked over valid positions), cross-attention, FFN."""
+    """Post-norm self-attention (unmasked over valid positions, or causal for an AR decoder),
+    cross-attention, FFN."""
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
@@ -83,10 +143,32 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor,  # (B, L) bool
         memory: torch.Tensor,  # (B, S, D)
         memory_mask: torch.Tensor,  # (B, S) bool
+        *,
+        causal: bool = False,  # AR decoder: position t attends to positions <= t only
     ) -> torch.Tensor:  # (B, L, D)
-        x = self.norm1(x + self.drop(self.self_attn(x, None, mask)))
+        x = self.norm1(x + self.drop(self.self_attn(x, None, mask, causal=causal)))
         x = self.norm2(x + self.drop(self.cross_attn(x, memory, memory_mask)))
         return self.norm3(x + self.drop(self.ffn(x)))
+
+    def init_cache(self, memory: torch.Tensor) -> LayerCache:  # memory (B, S, D)
+        """An empty self-attention cache and the source keys/values for `step`."""
+        memory_keys, memory_values = self.cross_attn.memory_keys_values(memory)
+        empty = memory_keys[:, :, :0]  # (B, H, 0, D/H)
+        return LayerCache(empty, empty, memory_keys, memory_values)
+
+    def step(
+        self,
+        x: torch.Tensor,  # (B, 1, D) the newest decoder position
+        memory_mask: torch.Tensor,  # (B, S) bool
+        cache: LayerCache,
+    ) -> tuple[torch.Tensor, LayerCache]:  # (B, 1, D), the cache grown by one position
+        """`forward(..., causal=True)` at the last position, from the cached keys/values."""
+        a, keys, values = self.self_attn.step(x, cache.self_keys, cache.self_values, None)
+        x = self.norm1(x + self.drop(a))
+        a, _, _ = self.cross_attn.step(x, cache.memory_keys, cache.memory_values, memory_mask)
+        x = self.norm2(x + self.drop(a))
+        x = self.norm3(x + self.drop(self.ffn(x)))
+        return x, cache._replace(self_keys=keys, self_values=values)
 
 
 class Encoder(nn.Module):

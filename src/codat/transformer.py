@@ -1,0 +1,298 @@
+"""Autoregressive Transformer baseline (Vaswani et al., 2017, "Attention Is All You Need"), built
+from the same `layers.py` encoder and decoder layers as DAT by composition: post-norm layers, one
+embedding matrix shared by the encoder input, the decoder input and the output projection.
+
+Four separate pieces, as in the rest of the package:
+- `ATransformer`: the model; `forward` is teacher forcing (prev_ids = <s> y predicts y </s>) and
+  `decode_step` the same decoder run one position at a time from a key/value cache;
+- `label_smoothed_nll`: the training objective (fairseq's label-smoothed cross-entropy);
+- `greedy_search` and `beam_search`: decoders (fairseq's `SequenceGenerator` rules), batched over
+  sentences and beams.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from codat.config import ModelConfig
+from codat.data import BOS_ID, EOS_ID, PAD_ID
+from codat.layers import DecoderLayer, Encoder, LayerCache, bert_init
+
+
+class EncoderOut(NamedTuple):
+    states: torch.Tensor  # (B, S, D)
+    src_mask: torch.Tensor  # (B, S) bool
+
+
+class DecoderState(NamedTuple):
+    """Incremental decoding state: one `LayerCache` per decoder layer and the source mask."""
+
+    caches: tuple[LayerCache, ...]
+    src_mask: torch.Tensor  # (B, S) bool
+
+    @property
+    def steps(self) -> int:
+        """Positions decoded so far (= the position of the next input token)."""
+        return self.caches[0].self_keys.shape[2]
+
+
+class ATransformer(nn.Module):
+    """Encoder-decoder Transformer with a causal decoder; `cfg.max_graph_positions` bounds the
+    target positions (<s> included) and `cfg.upsample_scale` is unused."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 4:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size} must be set (> 4)")
+        if cfg.decoder_layers < 1:
+            raise ValueError(f"model.decoder_layers={cfg.decoder_layers} must be >= 1")
+        self.cfg = cfg
+        D = cfg.dim
+        self.embed = nn.Embedding(cfg.vocab_size, D, padding_idx=PAD_ID)  # shared by all
+        self.encoder = Encoder(
+            self.embed,
+            layers=cfg.encoder_layers,
+            heads=cfg.heads,
+            ffn_dim=cfg.ffn_dim,
+            dropout=cfg.dropout,
+            max_positions=cfg.max_source_positions,
+        )
+        self.target_positions = nn.Embedding(cfg.max_graph_positions, D)
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(D, cfg.heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(bert_init)
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
+        S = src_ids.shape[1]
+        src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
+        return EncoderOut(self.encoder(src_ids, src_mask), src_mask)
+
+    def _embed_targets(self, ids: torch.Tensor, start: int) -> torch.Tensor:  # (B, T, D)
+        T = ids.shape[1]
+        if start + T > self.cfg.max_graph_positions:
+            raise ValueError(
+                f"target position {start + T - 1} exceeds "
+                f"max_graph_positions={self.cfg.max_graph_positions}"
+            )
+        pos = torch.arange(start, start + T, device=ids.device)
+        return self.drop(self.embed(ids) * self.encoder.scale + self.target_positions(pos))
+
+    def decode(
+        self,
+        enc: EncoderOut,
+        prev_ids: torch.Tensor,  # (B, T) <s> y_1 ... y_{T-1}, PAD_ID padded
+    ) -> torch.Tensor:  # (B, T, V) logits of y_1 ... y_T (</s> last)
+        """Teacher-forced decoder: position t attends to prev_ids[:, :t+1] and the source."""
+        x = self._embed_targets(prev_ids, 0)
+        tgt_mask = prev_ids != PAD_ID  # only padded queries ever reach a padded key
+        for layer in self.decoder_layers:
+            x = layer(x, tgt_mask, enc.states, enc.src_mask, causal=True)
+        return x @ self.embed.weight.t()  # tied output projection, as in DAT
+
+    def forward(
+        self,
+        src_ids: torch.Tensor,  # (B, S)
+        src_lens: torch.Tensor,  # (B,)
+        prev_ids: torch.Tensor,  # (B, T)
+    ) -> torch.Tensor:  # (B, T, V)
+        return self.decode(self.encode(src_ids, src_lens), prev_ids)
+
+    def init_state(self, enc: EncoderOut, *, beams: int = 1) -> DecoderState:
+        """Empty caches for `decode_step`, each sentence repeated `beams` times (rows b * beams +
+        k). The cross-attention keys/values are computed once per sentence, then repeated."""
+        caches = []
+        for layer in self.decoder_layers:
+            c = layer.init_cache(enc.states)
+            caches.append(LayerCache(*(t.repeat_interleave(beams, dim=0) for t in c)))
+        return DecoderState(tuple(caches), enc.src_mask.repeat_interleave(beams, dim=0))
+
+    def decode_step(
+        self,
+        prev_ids: torch.Tensor,  # (B,) the input token of position t = state.steps
+        state: DecoderState,
+    ) -> tuple[torch.Tensor, DecoderState]:  # (B, V) logits of the token after it
+        """`decode(...)[:, t]` computed from the cache in O(t) instead of O(t^2) per step."""
+        x = self._embed_targets(prev_ids.unsqueeze(1), state.steps)  # (B, 1, D)
+        caches = []
+        for layer, cache in zip(self.decoder_layers, state.caches, strict=True):
+            x, cache = layer.step(x, state.src_mask, cache)
+            caches.append(cache)
+        return x[:, 0] @ self.embed.weight.t(), DecoderState(tuple(caches), state.src_mask)
+
+
+def reorder_state(state: DecoderState, rows: torch.Tensor) -> DecoderState:  # rows (B,) long
+    """Keep decoder row rows[i] as row i (beam search back-pointers).
+
+    Only the self-attention caches move: `rows` must map every row to a row of the same sentence,
+    whose source keys/values and mask are identical.
+    """
+    caches = tuple(
+        c._replace(self_keys=c.self_keys[rows], self_values=c.self_values[rows])
+        for c in state.caches
+    )
+    return DecoderState(caches, state.src_mask)
+
+
+def label_smoothed_nll(
+    logits: torch.Tensor,  # (B, T, V)
+    target_ids: torch.Tensor,  # (B, T) y_1 ... </s>, pad_id padded
+    *,
+    pad_id: int,
+    epsilon: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:  # () loss, () nll; both means over non-pad tokens
+    """Label-smoothed cross-entropy (Szegedy et al., 2016), fairseq's original definition.
+
+    Per target token: loss = (1 - eps) * (-log p(y)) + eps * mean_v(-log p(v)), i.e. the
+    cross-entropy to (1 - eps) * onehot(y) + eps / V. (fairseq since 2021 spreads eps over the
+    V - 1 other tokens instead.) Padding targets are ignored; log-probs are taken in float32.
+    """
+    if logits.shape[:2] != target_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} vs target_ids {tuple(target_ids.shape)}")
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"epsilon={epsilon} must be in [0, 1)")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    valid = target_ids != pad_id
+    nll = -logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)[valid]  # (n,)
+    smooth = -logp.mean(dim=-1)[valid]  # (n,)
+    count = valid.sum().clamp(min=1)
+    loss = ((1 - epsilon) * nll + epsilon * smooth).sum() / count
+    return loss, nll.sum() / count
+
+
+def _max_lens(model: ATransformer, src_lens: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """Per-sentence limit on generated tokens before the forced </s>: floor(a * m + b), m counting
+    the source </s>; fairseq uses the padded batch width for m, which makes outputs depend on the
+    batch. Capped so that the forced </s> still has a position."""
+    limit = model.cfg.max_graph_positions - 1
+    return (a * src_lens.double() + b).floor().long().clamp(min=0, max=limit)
+
+
+def _step_logp(
+    logits: torch.Tensor,  # (R, V)
+    at_max: torch.Tensor,  # (R,) bool: only </s> is allowed
+) -> torch.Tensor:  # (R, V) float32
+    """log p of the next token; <pad> and <s> can never be generated (-inf, not renormalised, as
+    fairseq's pad masking), and at the length limit every token but </s> is -inf."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    banned = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    banned[[PAD_ID, BOS_ID]] = True
+    banned = banned | (
+        at_max.unsqueeze(1) & (torch.arange(logp.shape[-1], device=logp.device) != EOS_ID)
+    )
+    return logp.masked_fill(banned, float("-inf"))
+
+
+def _strip(ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T'), </s> and trailing pad gone
+    ids = ids.masked_fill(ids == EOS_ID, PAD_ID)
+    width = int((ids != PAD_ID).sum(1).max()) if ids.numel() else 0
+    return ids[:, :width]
+
+
+@torch.no_grad()
+def greedy_search(
+    model: ATransformer,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    *,
+    max_len_a: float = 1.2,
+    max_len_b: float = 10,
+) -> torch.Tensor:  # (B, T) ids without <s>/</s>, PAD_ID padded
+    """Argmax decoding: y_t = argmax_v log p(v | y_<t, x) until </s> or the length limit
+    floor(max_len_a * src_len + max_len_b), where </s> is forced. Call with the model in eval mode.
+    """
+    enc = model.encode(src_ids, src_lens)
+    state = model.init_state(enc)
+    max_lens = _max_lens(model, src_lens, max_len_a, max_len_b)
+    tokens = torch.full_like(src_lens, BOS_ID)
+    done = torch.zeros_like(src_lens, dtype=torch.bool)
+    out = []
+    for t in range(int(max_lens.max()) + 1):
+        logits, state = model.decode_step(tokens, state)
+        tokens = _step_logp(logits, t >= max_lens).argmax(-1).masked_fill(done, PAD_ID)
+        out.append(tokens)
+        done = done | (tokens == EOS_ID)
+        if done.all():
+            break
+    return _strip(torch.stack(out, dim=1))
+
+
+@torch.no_grad()
+def beam_search(
+    model: ATransformer,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    *,
+    beam: int = 5,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: float = 10,
+) -> torch.Tensor:  # (B, T) ids of the best finished hypothesis, without <s>/</s>, PAD_ID padded
+    """Beam search with fairseq's `SequenceGenerator` rules, all sentences and beams in one batch.
+
+    Each step ranks the 2K best extensions (K = beam) of the live hypotheses by summed log p. A
+    </s> among the first K is finished with score sum log p / len ** length_penalty (len counts
+    </s>); each sentence stores its K best finished hypotheses. The first K extensions that are not
+    </s> stay live. A sentence stops once it stores K finished hypotheses none of its live ones
+    beats at their current length (Hugging Face's early_stopping=False), or at its length limit
+    floor(max_len_a * src_len + max_len_b), where </s> is forced. Call in eval mode.
+    """
+    if beam < 1:
+        raise ValueError(f"beam={beam} must be >= 1")
+    B, K, V = len(src_lens), beam, model.cfg.vocab_size
+    dev = src_ids.device
+    state = model.init_state(model.encode(src_ids, src_lens), beams=K)
+    max_lens = _max_lens(model, src_lens, max_len_a, max_len_b)
+    T_max = int(max_lens.max())
+    live_ids = torch.full((B, K, 0), PAD_ID, dtype=torch.long, device=dev)
+    live_logp = torch.full((B, K), float("-inf"), device=dev)
+    live_logp[:, 0] = 0.0  # one empty hypothesis per sentence, no duplicates at step 0
+    fin_ids = torch.full((B, K, T_max + 1), PAD_ID, dtype=torch.long, device=dev)
+    fin_scores = torch.full((B, K), float("-inf"), device=dev)  # sorted best first
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    tokens = torch.full((B * K,), BOS_ID, dtype=torch.long, device=dev)
+    for t in range(T_max + 1):
+        logits, state = model.decode_step(tokens, state)
+        at_max = (t >= max_lens).repeat_interleave(K)
+        ext = live_logp.unsqueeze(2) + _step_logp(logits, at_max).view(B, K, V)  # (B, K, V)
+        cand_logp, cand = ext.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K) sorted
+        cand_beam, cand_tok = cand // V, cand % V
+        is_eos, finite = cand_tok == EOS_ID, torch.isfinite(cand_logp)
+
+        # fairseq: only a </s> among the K best candidates finishes a hypothesis.
+        first_k = torch.arange(cand.shape[1], device=dev) < K
+        finish = is_eos & finite & first_k & ~done.unsqueeze(1)
+        new_scores = (cand_logp / (t + 1) ** length_penalty).masked_fill(~finish, float("-inf"))
+        new_ids = torch.cat(
+            [
+                live_ids.gather(1, cand_beam.unsqueeze(2).expand(-1, -1, t)),
+                cand_tok.unsqueeze(2),
+                torch.full((B, cand.shape[1], T_max - t), PAD_ID, dtype=torch.long, device=dev),
+            ],
+            dim=2,
+        )  # (B, 2K, T_max + 1)
+        fin_scores, keep = torch.cat([fin_scores, new_scores], dim=1).topk(K, dim=1)
+        all_ids = torch.cat([fin_ids, new_ids], dim=1)
+        fin_ids = all_ids.gather(1, keep.unsqueeze(2).expand(-1, -1, T_max + 1))
+
+        # The K best non-</s> candidates stay live (fewer when few are finite: -inf rows are dead).
+        live_logp, pick = cand_logp.masked_fill(is_eos | ~finite, float("-inf")).topk(K, dim=1)
+        live_beam, tokens = cand_beam.gather(1, pick), cand_tok.gather(1, pick)  # (B, K)
+        live_ids = torch.cat(
+            [live_ids.gather(1, live_beam.unsqueeze(2).expand(-1, -1, t)), tokens.unsqueeze(2)],
+            dim=2,
+        )
+        rows = (torch.arange(B, device=dev).unsqueeze(1) * K + live_beam).view(-1)
+        state = reorder_state(state, rows)
+        tokens = tokens.view(-1)
+
+        best_live = live_logp.max(dim=1).values / (t + 1) ** length_penalty
+        full = torch.isfinite(fin_scores).all(dim=1)
+        done = done | (t >= max_lens) | (full & (best_live <= fin_scores[:, -1]))
+        if done.all():
+            break
+    return _strip(fin_ids[:, 0])
