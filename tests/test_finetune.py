@@ -21,16 +21,15 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import random
 
 import pytest
 import torch
 import yaml
+from corpus import prepare_copy_task, run_cli
 from reference import loop_duplicate_mask
 from safetensors.torch import load_file
 
 import codat.contrastive as contrastive
-from codat.cli import main
 from codat.config import ModelConfig, TrainConfig, config_from_dict
 from codat.contrastive import SampleSettings, duplicate_mask, reference_dp_loss, sample_terms
 from codat.dag import dag_log_likelihood
@@ -385,10 +384,7 @@ def test_fine_tuning_config_fields_load():
 # End to end through the CLI
 
 
-def _run(argv: list[str]) -> None:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 0, f"codat {' '.join(argv)} exited with {e.value.code}"
+_run = run_cli
 
 
 def _rows(run: pathlib.Path) -> tuple[list[dict], list[dict]]:
@@ -409,36 +405,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def trained(tmp_path_factory) -> dict:
     """A prepared copy task and a DAT trained on it for a few steps (glancing off)."""
     tmp = tmp_path_factory.mktemp("finetune")
-    rng = random.Random(0)
-    words = "ein mann eine frau hund spielt im park mit dem ball auf der straße".split()
-    raw = tmp / "raw"
-    raw.mkdir()
-    for split, n in (("train", 120), ("val", 12), ("test", 6)):
-        src = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 7))) for _ in range(n)]
-        for lang in ("de", "en"):
-            (raw / f"{split}.{lang}").write_text("".join(s + "\n" for s in src), encoding="utf-8")
-    data = tmp / "data"
-    _run(
-        [
-            "prepare",
-            "--src",
-            "de",
-            "--tgt",
-            "en",
-            "--train",
-            str(raw / "train"),
-            "--valid",
-            str(raw / "val"),
-            "--test",
-            str(raw / "test"),
-            "--out",
-            str(data),
-            "--vocab-size",
-            "60",
-            "--upsample-scale",
-            "3",
-        ]
-    )
+    data = prepare_copy_task(tmp)
     cfg = tmp / "cfg.yaml"
     cfg.write_text(
         f"run_dir: {tmp / 'dat'}\ndata: {{dir: {data}}}\n"

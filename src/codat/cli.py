@@ -11,7 +11,9 @@ def _train(argv: list[str]) -> int:
     from codat.config import load_config
     from codat.train import train
 
-    p = argparse.ArgumentParser(prog="codat train", description="Train a DA-Transformer.")
+    p = argparse.ArgumentParser(
+        prog="codat train", description="Train a model (model.arch: dat, at, nat, ctc, cmlm)."
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from last/")
@@ -27,12 +29,17 @@ def _score(argv: list[str]) -> int:
 
 
 def _benchmark(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("dag", "decode"):
-        print("usage: codat benchmark {dag,decode} [options]", file=sys.stderr)
-        return 2
-    from codat.benchmark import main_dag, main_decode
+    from codat import benchmark
 
-    return (main_dag if argv[0] == "dag" else main_decode)(argv[1:])
+    mains = {
+        "dag": benchmark.main_dag,
+        "decode": benchmark.main_decode,
+        "speed": benchmark.main_speed,
+    }
+    if not argv or argv[0] not in mains:
+        print("usage: codat benchmark {dag,decode,speed} [options]", file=sys.stderr)
+        return 2
+    return mains[argv[0]](argv[1:])
 
 
 def _analyze(argv: list[str]) -> int:
@@ -65,6 +72,12 @@ def _generate(argv: list[str]) -> int:
     return main(argv)
 
 
+def _distill(argv: list[str]) -> int:
+    from codat.generate import main_distill
+
+    return main_distill(argv)
+
+
 def _average(argv: list[str]) -> int:
     from codat.checkpoint import main_average
 
@@ -73,8 +86,9 @@ def _average(argv: list[str]) -> int:
 
 COMMANDS = {
     "prepare": (_prepare, "raw parallel text -> sentencepiece model + id tensors"),
-    "train": (_train, "train a DA-Transformer from a YAML config"),
+    "train": (_train, "train a model (DAT, AT, NAT/GLAT, CTC, CMLM) from a YAML config"),
     "generate": (_generate, "translate a file or stdin with a trained run"),
+    "distill": (_distill, "decode a training source file with a teacher (sequence-level KD)"),
     "average": (_average, "average the kept best checkpoints of a run into one"),
     "score": (_score, "corpus sacreBLEU of a hypothesis file against a reference file"),
     "tune-beta": (_tune_beta, "pick the sample decoder's rerank weight beta on validation"),
@@ -82,7 +96,8 @@ COMMANDS = {
     "plot": (_plot, "PNG of validation DP / contrastive loss / BLEU curves of runs"),
     "benchmark": (
         _benchmark,
-        "benchmark dag: the DP vs a dense reference; benchmark decode: lookahead vs sampling",
+        "benchmark dag: the DP vs a dense reference; decode: lookahead vs sampling; "
+        "speed: batch-1 latency and speed-up of every model's decoders",
     ),
 }
 

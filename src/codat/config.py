@@ -14,10 +14,18 @@ from typing import Any
 import yaml
 
 
+ARCHS = ("dat", "at", "nat", "ctc", "cmlm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """DA-Transformer size and shape (method.md §2). `vocab_size` 0 = take it from the data."""
+    """Model family, size and shape (method.md §2). `vocab_size` 0 = take it from the data.
 
+    arch: dat (DA-Transformer), at (autoregressive Transformer), nat (vanilla NAT; GLAT with
+    glancing), ctc (CTC NAT on the upsampled source; CTC+GLAT with glancing), cmlm (mask-predict).
+    """
+
+    arch: str = "dat"
     vocab_size: int = 0
     dim: int = 512
     heads: int = 8
@@ -27,9 +35,12 @@ class ModelConfig:
     dropout: float = 0.1
     upsample_scale: float = 8.0  # lambda: graph size L = floor(lambda * m), m counts </s>
     max_source_positions: int = 256
-    max_graph_positions: int = 2048
+    max_graph_positions: int = 2048  # dat/ctc: graph vertices; at: target positions
+    max_length: int = 256  # nat/cmlm: length classes 0..max_length (target content tokens)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch='{self.arch}': choose one of {', '.join(ARCHS)}")
         if self.dim <= 0 or self.heads <= 0:
             raise ValueError(f"model.dim={self.dim} and model.heads={self.heads} must be > 0")
         if self.dim % self.heads:
@@ -90,6 +101,8 @@ class TrainConfig:
     cl_alpha: float = 0.0  # DP-loss gate; 0 = the init model's mean validation DP loss
     reward_samples: int = 32  # reward: samples per sentence that carry the REINFORCE gradient
     eval_cl_sentences: int = 0  # validation contrastive loss on this many sentences (0 = off)
+    cl_noise: float = 0.5  # nat (GLAT + NPD): std of the Gaussian noise on the decoder inputs
+    label_smoothing: float = 0.0  # at / nat / cmlm: epsilon of the label-smoothed NLL
 
     def __post_init__(self) -> None:
         if self.objective not in ("dp", "codat", "reward"):
@@ -110,9 +123,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Decoder choice and its knobs (method.md §5)."""
+    """Decoder choice and its knobs (method.md §5). Decoders per model.arch (the first is the
+    default, chosen by decoder ''): dat lookahead|greedy|viterbi|sample; at beam|greedy;
+    nat argmax|npd; ctc greedy; cmlm mask-predict."""
 
-    decoder: str = "lookahead"
+    decoder: str = ""
     beta: float = 1.0  # lookahead: weight of the token log-prob
     viterbi_beta: float = 1.0  # joint-Viterbi length normalisation exponent
     max_tokens: int = 8192
@@ -124,6 +139,15 @@ class DecodeConfig:
     top_tokens: int = 1  # candidate tokens per vertex (1 = the paper's Algorithm 2)
     sample_beta: float = 0.5
     seed: int = 1
+    # at: beam search (fairseq's defaults), the length limit floor(max_len_a * m + max_len_b)
+    beam: int = 5
+    length_penalty: float = 1.0
+    max_len_a: float = 1.2
+    max_len_b: float = 10.0
+    # nat / cmlm: the length_beam most likely lengths; npd: `samples` candidates with noise std
+    length_beam: int = 1
+    noise: float = 0.5
+    iterations: int = 10  # cmlm: mask-predict iterations
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ sentence BLEU against the reference, trained with ranking constraints (`codat`) 
 
 One call per micro-batch: `sample_terms(out, batch, settings, generator)` takes the un-glanced
 `DagOutput` (with grad), draws K samples per sentence without grad, and returns the extra loss and
-its statistics. Everything is batched over sentences and samples.
+its statistics. Everything is batched over sentences and samples. `ranking_terms` is the part that
+does not depend on the model (rewards, gate, selection, loss): any model that can produce samples
+and score them with grad uses it (the vanilla NAT / GLAT with noisy parallel decoding does).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +83,7 @@ def sample_terms(
     settings: SampleSettings,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, dict]:
-    """The extra loss of `codat` / `reward` for one micro-batch, and its statistics."""
+    """The extra loss of `codat` / `reward` for one micro-batch of DAT, and its statistics."""
     logp = torch.log_softmax(out.token_logits.float(), dim=-1)  # (B, L, V), with grad
     with torch.no_grad():
         samples = sample_dag(
@@ -95,11 +98,42 @@ def sample_terms(
             special_ids=SPECIAL_IDS,
             pad_id=PAD_ID,
         )
-        ref_ids, ref_lens = reference_content(batch)
-        rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
         ref_loss = reference_dp_loss(logp, out, batch)  # (B,); inf when no path
+
+    def score(rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        targets, target_lens = sample_targets(
+            tokens, lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+        )
+        return samples_log_q(
+            logp[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
+        )
+
+    ref_ids, ref_lens = reference_content(batch)
+    return ranking_terms(
+        samples.tokens, samples.lengths, ref_ids, ref_lens, ref_loss, settings, score
+    )
+
+
+def ranking_terms(
+    tokens: torch.Tensor,  # (B, K, T) sample ids (no grad), PAD_ID beyond each length
+    lengths: torch.Tensor,  # (B, K)
+    ref_ids: torch.Tensor,  # (B, R) reference content ids
+    ref_lens: torch.Tensor,  # (B,)
+    ref_loss: torch.Tensor,  # (B,) the model's length-normalised loss of the reference (gate)
+    settings: SampleSettings,
+    score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, dict]:
+    """The model-independent part of `codat` / `reward`: sentence-BLEU rewards, the alpha gate,
+    the choice of samples, and the contrastive or REINFORCE loss of their scores.
+
+    `score(rows, tokens, lengths)` returns, with grad, the model's length-normalised log q of the
+    chosen samples tokens (b, k, t) / lengths (b, k) of the sentences `rows` (b,): the DAG
+    marginal for DAT, the token log-probs given the length for a vanilla NAT.
+    """
+    with torch.no_grad():
+        rewards = sentence_bleu(tokens, lengths, ref_ids, ref_lens).float() / 100
         gate = torch.isfinite(ref_loss) & (ref_loss <= settings.alpha)
-        duplicates = duplicate_mask(samples.tokens, samples.lengths)
+        duplicates = duplicate_mask(tokens, lengths)
     stats = {
         "gate_pass": float(gate.float().mean()),
         "distinct": float((~duplicates).float().mean()),
@@ -107,29 +141,21 @@ def sample_terms(
         "oracle_bleu": float(rewards.amax(1).mean()) * 100,
     }
     rows = gate.nonzero().squeeze(1)
+    K = tokens.shape[1]
     if len(rows) == 0:
         stats["cl_loss" if settings.objective == "codat" else "reward_loss"] = 0.0
-        return logp.new_zeros(()), stats
+        return rewards.new_zeros(()), stats
 
     if settings.objective == "codat":
         # Distinct samples first: a duplicate may only fill a slot no distinct sample can.
         key = torch.where(duplicates, rewards - 2.0, rewards)[rows]
-        chosen = key.topk(min(settings.kept, settings.samples), dim=1).indices  # (b, kept)
-        idx = chosen
+        idx = key.topk(min(settings.kept, K), dim=1).indices  # (b, kept)
     else:
-        idx = torch.arange(min(settings.reward_samples, settings.samples), device=rows.device)
+        idx = torch.arange(min(settings.reward_samples, K), device=rows.device)
         idx = idx.unsqueeze(0).expand(len(rows), -1)
-    tokens = samples.tokens[rows].gather(
-        1, idx.unsqueeze(-1).expand(-1, -1, samples.tokens.shape[-1])
-    )
-    lengths = samples.lengths[rows].gather(1, idx)
-    width = int(lengths.max())
-    targets, target_lens = sample_targets(
-        tokens[..., :width], lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
-    )
-    scores = samples_log_q(
-        logp[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
-    )
+    chosen = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    chosen_lens = lengths[rows].gather(1, idx)
+    scores = score(rows, chosen[..., : max(int(chosen_lens.max()), 1)], chosen_lens)
     picked_rewards = rewards[rows].gather(1, idx)
     if settings.objective == "codat":
         mask = ~duplicates[rows].gather(1, idx)

@@ -73,9 +73,15 @@ class ParallelData:
             str(path),
         )
 
-    def trainable_mask(self, *, upsample_scale: float, max_ratio: float) -> torch.Tensor:  # (n,)
-        """Pairs the DAG can learn: graph size floor(lambda * m) >= n, length ratio <= max_ratio."""
-        graph = torch.floor(self.src_lens.double() * upsample_scale).long()
+    def trainable_mask(
+        self, *, upsample_scale: float | None, max_ratio: float
+    ) -> torch.Tensor:  # (n,) bool
+        """Pairs the DAG can learn: graph size floor(lambda * m) >= n (no such limit when
+        upsample_scale is None: models without a graph), length ratio <= max_ratio."""
+        if upsample_scale is None:
+            graph = self.tgt_lens
+        else:
+            graph = torch.floor(self.src_lens.double() * upsample_scale).long()
         src_core = (self.src_lens - 1).clamp(min=1).double()
         tgt_core = (self.tgt_lens - 2).clamp(min=1).double()
         ratio = torch.maximum(src_core / tgt_core, tgt_core / src_core)

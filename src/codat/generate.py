@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 
 import sentencepiece as spm
@@ -13,79 +12,15 @@ import torch
 from tqdm import tqdm
 
 from codat.checkpoint import load_checkpoint_config, load_weights
-from codat.config import DecodeConfig
-from codat.dat import DagOutput, DATransformer
-from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, token_batches
-from codat.decode import (
-    DagSamples,
-    greedy_decode,
-    joint_viterbi_decode,
-    lookahead_decode,
-    pick_best,
-    rerank_scores,
-    sample_dag,
-)
+from codat.config import ARCHS, DecodeConfig
+from codat.data import EOS_ID, PAD_ID, token_batches
+from codat.families import DAT_DECODERS, FAMILIES, draw_samples, family, family_of
 
-Decoder = Callable[[DagOutput, DecodeConfig, torch.Generator], torch.Tensor]
-
-
-def _lookahead(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
-    logp = torch.log_softmax(out.token_logits.float(), dim=-1)
-    return lookahead_decode(
-        logp, out.trans_logp, out.graph_lens, beta=dc.beta, special_ids=SPECIAL_IDS, pad_id=PAD_ID
-    )
-
-
-def _greedy(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
-    logp = torch.log_softmax(out.token_logits.float(), dim=-1)
-    return greedy_decode(
-        logp, out.trans_logp, out.graph_lens, special_ids=SPECIAL_IDS, pad_id=PAD_ID
-    )
-
-
-def _joint_viterbi(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
-    logp = torch.log_softmax(out.token_logits.float(), dim=-1)
-    return joint_viterbi_decode(
-        logp,
-        out.trans_logp,
-        out.graph_lens,
-        length_beta=dc.viterbi_beta,
-        special_ids=SPECIAL_IDS,
-        pad_id=PAD_ID,
-    )
-
-
-def draw_samples(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> DagSamples:
-    """K samples per sentence with `dc`'s samples / temperature / top_p / top_tokens."""
-    return sample_dag(
-        torch.log_softmax(out.token_logits.float(), dim=-1),
-        out.trans_logp,
-        out.graph_lens,
-        num_samples=dc.samples,
-        temperature=dc.temperature,
-        top_p=dc.top_p,
-        top_tokens=dc.top_tokens,
-        generator=generator,
-        special_ids=SPECIAL_IDS,
-        pad_id=PAD_ID,
-    )
-
-
-def _sample(out: DagOutput, dc: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
-    samples = draw_samples(out, dc, generator)
-    return pick_best(samples, rerank_scores(samples, beta=dc.sample_beta), pad_id=PAD_ID)
-
-
-DECODERS: dict[str, Decoder] = {
-    "lookahead": _lookahead,
-    "greedy": _greedy,
-    "viterbi": _joint_viterbi,
-    "sample": _sample,
-}
+__all__ = ["DAT_DECODERS", "Translator", "draw_samples", "translate_ids"]
 
 
 def batch_sources(
-    sources: list[torch.Tensor], model: DATransformer, max_tokens: int
+    sources: list[torch.Tensor], model: torch.nn.Module, max_tokens: int
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[list[int]]]:
     """Truncate to the model's limit, bucket by graph size: (sources, lengths + </s>, batches)."""
     max_src = model.cfg.max_source_positions
@@ -106,7 +41,7 @@ def source_tensor(sources: list[torch.Tensor], lens: torch.Tensor, idx: list[int
 
 @torch.no_grad()
 def translate_ids(
-    model: DATransformer,
+    model: torch.nn.Module,  # any family's model (its cfg.arch picks the decoders)
     sources: list[torch.Tensor],  # each 1-D ids without </s>
     dc: DecodeConfig,
     *,
@@ -114,9 +49,7 @@ def translate_ids(
     progress: bool = False,
 ) -> list[list[int]]:
     """Decode id sequences in token-bucketed batches; results come back in input order."""
-    if dc.decoder not in DECODERS:
-        raise ValueError(f"unknown decoder '{dc.decoder}' (choose from {', '.join(DECODERS)})")
-    decoder = DECODERS[dc.decoder]
+    decoder = family_of(model).decoder(dc.decoder)
     was_training = model.training
     model.eval()
     sources, lens, batches = batch_sources(sources, model, dc.max_tokens)
@@ -124,8 +57,7 @@ def translate_ids(
     results: list[list[int]] = [[] for _ in sources]
     for idx in tqdm(batches, desc="decode", unit="batch", disable=not progress, leave=False):
         src = source_tensor(sources, lens, idx)
-        out = model(src.to(device), lens[idx].to(device))
-        ids = decoder(out, dc, generator).cpu()
+        ids = decoder(model, src.to(device), lens[idx].to(device), dc, generator).cpu()
         for row, i in enumerate(idx):
             results[i] = [t for t in ids[row].tolist() if t != PAD_ID]
     model.train(was_training)
@@ -133,11 +65,11 @@ def translate_ids(
 
 
 class Translator:
-    """A trained DAT with its tokenizer: `codat.load(run_dir).generate(["ein Satz ."])`."""
+    """A trained model with its tokenizer: `codat.load(run_dir).generate(["ein Satz ."])`."""
 
     def __init__(
         self,
-        model: DATransformer,
+        model: torch.nn.Module,
         sp: spm.SentencePieceProcessor,
         decode: DecodeConfig,
         device: torch.device | str,
@@ -148,7 +80,7 @@ class Translator:
     def from_dir(cls, path: str | pathlib.Path, *, device: str = "cpu") -> Translator:
         path = resolve_checkpoint(path)
         cfg = load_checkpoint_config(path)
-        model = DATransformer(cfg.model)
+        model = family(cfg.model.arch).build(cfg.model)
         load_weights(path, model, device)
         model.to(device).eval()
         sp = spm.SentencePieceProcessor(model_file=str(path / "spm.model"))
@@ -191,7 +123,7 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="codat generate", description="Translate text with a trained DAT."
+        prog="codat generate", description="Translate text with a trained model."
     )
     p.add_argument(
         "run_dir", help="run directory (uses its best/ checkpoint) or checkpoint directory"
@@ -200,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         "--input", "-i", default="-", help="source text file, one sentence per line (- = stdin)"
     )
     p.add_argument("--output", "-o", default="-", help="output file (- = stdout)")
+    names = sorted({n for arch in ARCHS if arch in FAMILIES for n in FAMILIES[arch].decoders})
     p.add_argument(
-        "--decoder", choices=sorted(DECODERS), default=None, help="default: the run's config"
+        "--decoder",
+        choices=names,
+        default=None,
+        help="default: the run's config; dat: lookahead greedy viterbi sample; at: beam greedy; "
+        "nat: argmax npd; ctc: greedy; cmlm: mask-predict",
     )
     p.add_argument(
         "--beta",
@@ -213,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None, help="sample: temperature")
     p.add_argument("--top-p", type=float, default=None, help="sample: top-p of each step")
     p.add_argument("--top-tokens", type=int, default=None, help="sample: tokens per vertex")
-    p.add_argument("--seed", type=int, default=None, help="sample: random seed")
+    p.add_argument("--seed", type=int, default=None, help="sample / npd: random seed")
+    p.add_argument("--beam", type=int, default=None, help="at: beam size")
+    p.add_argument("--length-penalty", type=float, default=None, help="at: beam length penalty")
+    p.add_argument("--length-beam", type=int, default=None, help="nat / cmlm: lengths tried")
+    p.add_argument("--noise", type=float, default=None, help="npd: std of the input noise")
+    p.add_argument("--iterations", type=int, default=None, help="cmlm: mask-predict iterations")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     a = p.parse_args(argv)
@@ -232,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             ("top_p", a.top_p),
             ("top_tokens", a.top_tokens),
             ("seed", a.seed),
+            ("beam", a.beam),
+            ("length_penalty", a.length_penalty),
+            ("length_beam", a.length_beam),
+            ("noise", a.noise),
+            ("iterations", a.iterations),
         )
         if v is not None
     }
@@ -243,4 +190,44 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(text)
     else:
         pathlib.Path(a.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def main_distill(argv: list[str] | None = None) -> int:
+    """`codat distill RUN_DIR SRC OUT`: sequence-level knowledge distillation (Kim & Rush, 2016).
+
+    Decodes every line of SRC (plain or .gz) with the run's model -- by default an AT with beam
+    search -- and writes the outputs to OUT, line for line, atomically (a temporary sibling renamed
+    into place), so that `codat prepare` can pair SRC with OUT as a distilled training set.
+    """
+    from codat.prepare import read_lines
+
+    p = argparse.ArgumentParser(
+        prog="codat distill",
+        description="Decode a training source file with a trained model (sequence-level KD).",
+    )
+    p.add_argument("run_dir", help="run or checkpoint directory of the teacher (usually an AT)")
+    p.add_argument("src", help="source sentences, one per line (.gz allowed)")
+    p.add_argument("out", help="distilled target file to write")
+    p.add_argument("--decoder", default=None, help="default: the run's config (AT: beam)")
+    p.add_argument("--beam", type=int, default=None, help="at: beam size")
+    p.add_argument("--max-tokens", type=int, default=None, help="decoding batch size in tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    lines = read_lines(pathlib.Path(a.src))  # errors name the file (and line)
+    translator = Translator.from_dir(a.run_dir, device=a.device)
+    options = {k: v for k, v in (("beam", a.beam), ("max_tokens", a.max_tokens)) if v is not None}
+    hyps = translator.generate(lines, decoder=a.decoder, progress=True, **options)
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"distilled {len(hyps)} sentences -> {out}", file=sys.stderr)
     return 0

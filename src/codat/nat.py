@@ -321,7 +321,7 @@ class NpdSamples(NamedTuple):
     token_logp_sums: torch.Tensor  # (B, K): sum_t log p(y_t | x, T) under the noise-free model
 
 
-def _token_logp_sums(
+def token_logp_sums(
     token_logits: torch.Tensor,  # (R, T, V)
     tokens: torch.Tensor,  # (R, T)
     lens: torch.Tensor,  # (R,)
@@ -371,7 +371,7 @@ def npd_samples(
         else:
             logits = model.decode(enc, flat_lens, clean)
             tokens = logits.argmax(-1)
-        sums = _token_logp_sums(logits, tokens, flat_lens)
+        sums = token_logp_sums(logits, tokens, flat_lens)
     T = tokens.shape[1]
     pos = torch.arange(T, device=tokens.device).unsqueeze(0)
     tokens = tokens.masked_fill(pos >= flat_lens.unsqueeze(1), PAD_ID)
@@ -437,5 +437,5 @@ def nat_sample_scores(
         raise ValueError(f"lengths up to {width} exceed the token width {T}")
     out = model(src_ids, src_lens, flat_lens, repeats=K)
     flat_tokens = tokens.reshape(B * K, T)[:, :width]
-    sums = _token_logp_sums(out.token_logits, flat_tokens, flat_lens)
+    sums = token_logp_sums(out.token_logits, flat_tokens, flat_lens)
     return (sums / flat_lens).view(B, K)

@@ -30,13 +30,13 @@ from codat.checkpoint import (
     save_checkpoint,
 )
 from codat.config import RunConfig, TrainConfig, save_config
-from codat.contrastive import SampleSettings, sample_terms
-from codat.dag import dag_best_path
-from codat.dat import DagOutput, DATransformer
+from codat.contrastive import sample_terms
 from codat.data import Batch, ParallelData, read_meta, shard, token_batches
+from codat.families import dat_loss, family, family_of, sample_settings
 from codat.generate import resolve_checkpoint, translate_ids
-from codat.glancing import choose_glanced, force_alignment, glance_ratio
-from codat.objectives import dag_nll, gather_token_logp
+from codat.glancing import glance_ratio
+
+__all__ = ["dat_loss", "learning_rate", "sample_settings", "train", "training_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -56,76 +56,9 @@ def learning_rate(step: int, tc: TrainConfig) -> float:
     return inverse_sqrt_lr(step, lr=tc.lr, warmup=tc.warmup_steps, init_lr=tc.warmup_init_lr)
 
 
-def sample_settings(tc: TrainConfig, *, objective: str | None = None, alpha=None):
-    """The CoDAT sampling/ranking knobs of a train config (method.md §9.10)."""
-    return SampleSettings(
-        objective=objective or tc.objective,
-        samples=tc.cl_samples,
-        keep=tc.cl_keep,
-        temperature=tc.cl_temperature,
-        top_p=tc.cl_top_p,
-        top_tokens=tc.cl_top_tokens,
-        margin=tc.cl_margin,
-        tie=tc.cl_tie,
-        alpha=(tc.cl_alpha if tc.cl_alpha > 0 else math.inf) if alpha is None else alpha,
-        reward_samples=tc.reward_samples,
-    )
-
-
-def dat_loss(
-    model: torch.nn.Module,  # possibly DDP-wrapped
-    core: DATransformer,  # the unwrapped module, for the no-grad glancing pass
-    batch: Batch,
-    *,
-    ratio: float,
-    generator: torch.Generator,
-    autocast: contextlib.AbstractContextManager,
-) -> tuple[torch.Tensor, dict, DagOutput | None]:
-    """DP loss of one micro-batch with glancing (method.md §4): pass 1 without grad finds the best
-    alignment and the revealed vertices; pass 2, with identical dropout masks, is trained.
-    Also returns pass 2's output when nothing was glanced (so CoDAT can reuse it), else None."""
-    stats = {}
-    graph_ids = None
-    path = keep = None
-    if ratio > 0:
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state() if batch.src_ids.is_cuda else None
-        with torch.no_grad(), autocast:
-            out1 = core(batch.src_ids, batch.src_lens)
-            # Only the alignment is needed here, so the model's dtype suffices (no fp32 copy).
-            tok1 = (
-                torch.log_softmax(out1.token_logits, dim=-1)
-                .gather(-1, batch.tgt_ids.unsqueeze(1).expand(-1, out1.token_logits.shape[1], -1))
-                .float()
-            )
-            path, _ = dag_best_path(tok1, out1.trans_logp, out1.graph_lens, batch.tgt_lens)
-            keep, oracle = choose_glanced(
-                path,
-                out1.token_logits.argmax(-1),
-                batch.tgt_ids,
-                batch.tgt_lens,
-                ratio=ratio,
-                generator=generator,
-            )
-            placeholders = core.graph_inputs(out1.graph_lens)
-            graph_ids = torch.where(keep, oracle, placeholders)
-            stats["glanced"] = float(keep.sum()) / float(batch.tgt_lens.sum())
-        torch.set_rng_state(cpu_rng)  # pass 2 reuses pass 1's dropout masks
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng)
-    with autocast:
-        out = model(batch.src_ids, batch.src_lens, graph_ids)
-    token_logp = gather_token_logp(out.token_logits, batch.tgt_ids)
-    if keep is not None:
-        token_logp = force_alignment(token_logp, path, keep)
-    loss, _, invalid = dag_nll(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
-    stats["invalid"] = invalid
-    return loss, stats, (out if keep is None else None)
-
-
 def training_loss(
-    model: torch.nn.Module,
-    core: DATransformer,
+    model: torch.nn.Module,  # possibly DDP-wrapped
+    core: torch.nn.Module,  # the unwrapped module
     batch: Batch,
     *,
     tc: TrainConfig,
@@ -133,20 +66,10 @@ def training_loss(
     generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
 ) -> tuple[torch.Tensor, dict]:
-    """The configured objective: the DP loss, plus for codat/reward the sample term computed on
-    the un-glanced DAG (the samples come from the model as it decodes, method.md §9.8)."""
-    loss, stats, out = dat_loss(
-        model, core, batch, ratio=ratio, generator=generator, autocast=autocast
+    """The loss of one micro-batch for the model's family and the configured objective."""
+    return family_of(core).loss(
+        model, core, batch, tc=tc, ratio=ratio, generator=generator, autocast=autocast
     )
-    if tc.objective == "dp":
-        return loss, stats
-    stats["dp_loss"] = float(loss.detach())
-    if out is None:
-        with autocast:  # the unwrapped module: its gradients join the DDP model's in one backward
-            out = core(batch.src_ids, batch.src_lens)
-    extra, sample_stats = sample_terms(out, batch, sample_settings(tc), generator)
-    stats.update(sample_stats)
-    return loss + tc.cl_weight * extra, stats
 
 
 @dataclass(frozen=True)
@@ -173,24 +96,25 @@ class Validation:
         return cls(data, refs, sp, spm_path, device, autocast)
 
     @torch.no_grad()
-    def dp_loss(self, core: DATransformer, cfg: RunConfig) -> float:
-        """Mean per-sentence, length-normalised DP loss (no glancing) of the split."""
+    def dp_loss(self, core: torch.nn.Module, cfg: RunConfig) -> float:
+        """Mean per-sentence, length-normalised loss (no glancing) of the split: DAT's DP loss,
+        or the family's own (`Family.sentence_loss`); sentences without a path count 0."""
         was_training = core.training
         core.eval()
+        sentence_loss = family_of(core).sentence_loss
         total, count = 0.0, 0
         sizes = torch.maximum(self.data.src_lens, self.data.tgt_lens)
         for idx in token_batches(sizes, max_tokens=cfg.train.max_tokens, shuffle=False):
             b = self.data.collate(idx).to(self.device)
             with self.autocast:
-                out = core(b.src_ids, b.src_lens)
-            tok = gather_token_logp(out.token_logits, b.tgt_ids)
-            _, per, _ = dag_nll(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
+                per = sentence_loss(core, b).float()
+            per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))
             total, count = total + float(per.sum()), count + len(idx)
         core.train(was_training)
         return total / max(count, 1)
 
     @torch.no_grad()
-    def sample_stats(self, core: DATransformer, cfg: RunConfig) -> dict:
+    def sample_stats(self, core: torch.nn.Module, cfg: RunConfig) -> dict:
         """The contrastive loss of the first `eval_cl_sentences` sentences (paper Figure 2), with
         no DP gate, plus the mean and oracle (best-of-K) sentence BLEU of their samples."""
         n = min(cfg.train.eval_cl_sentences, len(self.data))
@@ -210,10 +134,10 @@ class Validation:
         core.train()
         return {f"valid_{k}": v / max(n, 1) for k, v in sums.items()}
 
-    def evaluate(self, core: DATransformer, cfg: RunConfig) -> dict:
-        """Validation DP loss (no glancing) and sacreBLEU of the configured decoder."""
+    def evaluate(self, core: torch.nn.Module, cfg: RunConfig) -> dict:
+        """Validation loss (no glancing) and sacreBLEU of the configured decoder."""
         result = {"valid_loss": self.dp_loss(core, cfg)}
-        if cfg.train.eval_cl_sentences > 0:
+        if cfg.train.eval_cl_sentences > 0 and cfg.model.arch == "dat":
             result.update(self.sample_stats(core, cfg))
         core.eval()
         with torch.no_grad(), self.autocast:
@@ -224,7 +148,14 @@ class Validation:
         return {**result, "valid_bleu": bleu.score, "example": hyps[0]}
 
 
-def build_model(cfg: RunConfig) -> tuple[RunConfig, DATransformer]:
+def build_model(cfg: RunConfig) -> tuple[RunConfig, torch.nn.Module]:
+    fam = family(cfg.model.arch)
+    if cfg.train.objective not in fam.objectives:
+        raise ValueError(
+            f"train.objective='{cfg.train.objective}' does not apply to model.arch="
+            f"{cfg.model.arch} (choose from {', '.join(fam.objectives)})"
+        )
+    fam.decoder(cfg.decode.decoder)  # an unknown decoder fails now, not at the first evaluation
     meta = read_meta(cfg.data.dir)
     if cfg.model.vocab_size == 0:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=meta["vocab_size"]))
@@ -232,7 +163,7 @@ def build_model(cfg: RunConfig) -> tuple[RunConfig, DATransformer]:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} but the data has {meta['vocab_size']}"
         )
-    return cfg, DATransformer(cfg.model)
+    return cfg, fam.build(cfg.model)
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> dict:
@@ -268,8 +199,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
         load_weights(init_dir, core, device)
     core.to(device)
     train_data = ParallelData.load(cfg.data.dir, cfg.data.train_split)
+    # Only the upsampling families (DAG / CTC) need a long enough graph for the target.
+    upsampled = cfg.model.arch in ("dat", "ctc")
     ok = train_data.trainable_mask(
-        upsample_scale=cfg.model.upsample_scale, max_ratio=cfg.data.max_ratio
+        upsample_scale=cfg.model.upsample_scale if upsampled else None,
+        max_ratio=cfg.data.max_ratio,
     )
     train_idx = ok.nonzero().squeeze(1).tolist()
 
