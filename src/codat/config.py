@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-
 ARCHS = ("dat", "at", "nat", "ctc", "cmlm")
 
 

@@ -25,6 +25,16 @@ from torch import nn
 
 from codat.config import DecodeConfig, ModelConfig, TrainConfig
 from codat.contrastive import SampleSettings, ranking_terms, sample_terms
+from codat.ctc import (
+    CTCModel,
+    CtcOutput,
+    ctc_decode,
+    ctc_log_likelihood,
+    ctc_output_scores,
+    ctc_sample,
+    ctc_sentence_loss,
+    ctc_training_loss,
+)
 from codat.dag import dag_best_path
 from codat.dat import DagOutput, DATransformer
 from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, Batch
@@ -64,6 +74,7 @@ class Family:
     sentence_loss: Callable[[nn.Module, Batch], torch.Tensor]
     decoders: dict[str, Decoder]
     objectives: tuple[str, ...] = ("dp",)
+    glances: bool = False  # uses train.glance_* (dat, nat = GLAT, ctc = CTC+GLAT)
 
     @property
     def default_decoder(self) -> str:
@@ -257,6 +268,7 @@ DAT = Family(
     sentence_loss=dat_sentence_loss,
     decoders={name: _dat_decoder(f) for name, f in DAT_DECODERS.items()},
     objectives=("dp", "codat", "reward"),
+    glances=True,
 )
 
 
@@ -401,10 +413,65 @@ NAT = Family(
     sentence_loss=nat_sentence_loss,
     decoders={"argmax": _nat_argmax, "npd": _nat_npd},
     objectives=("dp", "codat", "reward"),
+    glances=True,
 )
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (DAT, AT, NAT)}
+# ---------------------------------------------------------------------------------------------
+# CTC NAT / CTC+GLAT (glancing ratio > 0), with CoDAT's objectives on CTC samples
+
+
+def ctc_family_loss(model, core, batch, *, tc, ratio, generator, autocast):
+    """CTC (+GLAT) loss; for codat/reward plus the ranking term on K samples drawn position by
+    position from the un-glanced output, scored by their CTC marginal (all alignments)."""
+    with autocast:
+        loss, stats = ctc_training_loss(model, core, batch, ratio=ratio, generator=generator)
+    if tc.objective == "dp":
+        return loss, stats
+    settings = sample_settings(tc)
+    stats["dp_loss"] = float(loss.detach())
+    with autocast:
+        out = core(batch.src_ids, batch.src_lens)  # un-glanced, with grad
+    tokens, lengths = ctc_sample(
+        out, settings.samples, temperature=settings.temperature, generator=generator
+    )
+    with torch.no_grad():
+        ref_ids, ref_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+        ll = ctc_log_likelihood(
+            torch.log_softmax(out.token_logits.detach().float(), dim=-1),
+            out.out_lens,
+            ref_ids,
+            ref_lens,
+        )
+        ref_loss = -ll / ref_lens.clamp(min=1)
+
+    def score(rows: torch.Tensor, chosen: torch.Tensor, chosen_lens: torch.Tensor):
+        sub = CtcOutput(out.token_logits[rows], out.out_lens[rows])
+        return ctc_output_scores(sub, chosen, chosen_lens)
+
+    extra, sample_stats = ranking_terms(
+        tokens, lengths, ref_ids, ref_lens, ref_loss, settings, score
+    )
+    stats.update(sample_stats)
+    return loss + tc.cl_weight * extra, stats
+
+
+def _ctc_greedy(core, src_ids, src_lens, dc, generator):
+    return ctc_decode(core, src_ids, src_lens)
+
+
+CTC = Family(
+    name="ctc",
+    build=CTCModel,
+    loss=ctc_family_loss,
+    sentence_loss=ctc_sentence_loss,
+    decoders={"greedy": _ctc_greedy},
+    objectives=("dp", "codat", "reward"),
+    glances=True,
+)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (DAT, AT, NAT, CTC)}
 
 
 def family(arch: str) -> Family:

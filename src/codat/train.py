@@ -279,6 +279,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
                 end=cfg.train.glance_end,
                 anneal_steps=cfg.train.glance_anneal_steps,
             )
+            if not family_of(core).glances:
+                ratio = 0.0
             first = state["batch_in_epoch"] * cfg.train.update_freq
             micro = batches[first : first + cfg.train.update_freq]
             loss_sum, stats = 0.0, {}
