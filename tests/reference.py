@@ -503,3 +503,126 @@ def loop_beam_search(
         if len(finished) == beam and best_live <= finished[-1][0]:
             break
     return finished[0][1]
+
+
+def loop_mask_predict(
+    model, src_ids, src_lens, *, iterations: int, length_beam: int, pad_id: int, special_ids
+) -> list[list[int]]:
+    """Mask-predict (Ghazvininejad et al. 2019) one sentence and one length candidate at a time,
+    with plain lists: `model(src, src_lens, tgt_ids, tgt_lens, masked)` on a single unpadded row
+    per call. Lengths: the `length_beam` best classes >= 1 of the length logits. Iteration 0 masks
+    all T positions; iteration t re-masks the floor(T * (I - t) / I) positions of lowest log-prob
+    (ties: lower position) and replaces only their tokens and log-probs by the new argmax. Keeps
+    the candidate of best mean log-prob (first on ties), specials dropped."""
+    out = []
+    for b in range(src_ids.shape[0]):
+        S = int(src_lens[b])
+        src, slen = src_ids[b : b + 1, :S], src_lens[b : b + 1]
+
+        def predict(tokens: list[int], masked: list[bool], src=src, slen=slen):
+            size = torch.tensor([len(tokens)])
+            res = model(src, slen, torch.tensor([tokens]), size, torch.tensor([masked]))
+            logp = torch.log_softmax(res.token_logits[0].double(), dim=-1)
+            ids = [int(logp[t].argmax()) for t in range(len(tokens))]
+            return ids, [float(logp[t, ids[t]]) for t in range(len(tokens))], res.length_logits[0]
+
+        length_logits = predict([pad_id], [True])[2].tolist()
+        lengths = sorted(range(1, len(length_logits)), key=lambda c: -length_logits[c])
+        best = None
+        for T in lengths[:length_beam]:
+            tokens, logps, _ = predict([pad_id] * T, [True] * T)
+            for t in range(1, iterations):
+                n = T * (iterations - t) // iterations
+                remask = set(sorted(range(T), key=lambda i: (logps[i], i))[:n])
+                new_tokens, new_logps, _ = predict(tokens, [i in remask for i in range(T)])
+                for i in remask:
+                    tokens[i], logps[i] = new_tokens[i], new_logps[i]
+            score = sum(logps) / T
+            if best is None or score > best[0]:
+                best = (score, tokens)
+        out.append([tok for tok in best[1] if tok not in special_ids])
+    return out
+
+
+def loop_cmlm_loss(
+    model, src_ids, src_lens, tgt_ids, tgt_lens, masked, *, length_weight, epsilon, max_length
+) -> torch.Tensor:
+    """The CMLM loss with given masks, one sentence at a time: each unpadded row alone through
+    `model(src, src_lens, tgt_ids, tgt_lens, masked)`; for every masked position
+    (1 - eps) * -log p(y_t) + eps * mean_v -log p(v), summed over sentences and positions and
+    divided by the number of masked tokens; plus length_weight * the mean over sentences of
+    -log softmax(length logits)[min(T_b, max_length)]. Scalar with the model's gradient."""
+    token_terms, length_terms = [], []
+    for b in range(src_ids.shape[0]):
+        S, T = int(src_lens[b]), int(tgt_lens[b])
+        res = model(
+            src_ids[b : b + 1, :S], src_lens[b : b + 1], tgt_ids[b : b + 1, :T],
+            tgt_lens[b : b + 1], masked[b : b + 1, :T],
+        )  # fmt: skip
+        logp = torch.log_softmax(res.token_logits[0].double(), dim=-1)
+        for t in range(T):
+            if bool(masked[b, t]):
+                nll = -logp[t, int(tgt_ids[b, t])]
+                token_terms.append((1 - epsilon) * nll - epsilon * logp[t].mean())
+        length_logp = torch.log_softmax(res.length_logits[0].double(), dim=-1)
+        length_terms.append(-length_logp[min(T, max_length)])
+    token = sum(token_terms) / max(len(token_terms), 1)
+    return token + length_weight * sum(length_terms) / len(length_terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# CTC (codat.ctc): explicit enumeration of all label sequences of one sentence's positions.
+
+
+def loop_ctc_collapse(labels: list[int], blank: int, drop: tuple[int, ...] = ()) -> list[int]:
+    """CTC's many-to-one map: merge consecutive repeats, then drop the blank (and `drop`)."""
+    out, prev = [], None
+    for c in labels:
+        if c != prev and c != blank and c not in drop:
+            out.append(c)
+        prev = c
+    return out
+
+
+def brute_force_ctc_paths(logp: torch.Tensor, target: list[int]) -> list[tuple[int, ...]]:
+    """Every label sequence over logp's (L, C) classes (blank = C - 1) that collapses to target."""
+    L, C = logp.shape
+    return [
+        p
+        for p in itertools.product(range(C), repeat=L)
+        if loop_ctc_collapse(list(p), C - 1) == list(target)
+    ]
+
+
+def brute_force_ctc_log_likelihood(logp: torch.Tensor, target: list[int]) -> torch.Tensor:
+    """log sum over the paths collapsing to target of prod_t p(path_t); -inf if there are none.
+    logp (L_b, C) float64 log-probs, blank = C - 1; differentiable in logp."""
+    paths = brute_force_ctc_paths(logp, target)
+    if not paths:
+        return logp.new_tensor(NEG_INF)
+    steps = torch.arange(logp.shape[0])
+    scores = [logp[steps, torch.tensor(p)].sum() for p in paths]
+    return torch.logsumexp(torch.stack(scores), dim=0)
+
+
+def brute_force_ctc_best_path(logp: torch.Tensor, target: list[int]) -> tuple[list[int], float]:
+    """The most probable path (labels, blank = C - 1) collapsing to target, and its log-prob;
+    ([], -inf) if there is none."""
+    best, best_score = [], NEG_INF
+    for p in brute_force_ctc_paths(logp, target):
+        score = sum(float(logp[t, c]) for t, c in enumerate(p))
+        if score > best_score:
+            best, best_score = list(p), score
+    return best, best_score
+
+
+def brute_force_ctc_output_distribution(
+    logp: torch.Tensor, drop: tuple[int, ...] = ()
+) -> dict[tuple[int, ...], float]:
+    """P(collapsed output) for every output of logp (L_b, C), blank = C - 1, `drop` removed too."""
+    dist: dict[tuple[int, ...], float] = {}
+    for p in itertools.product(range(logp.shape[1]), repeat=logp.shape[0]):
+        key = tuple(loop_ctc_collapse(list(p), logp.shape[1] - 1, drop))
+        prob = math.exp(sum(float(logp[t, c]) for t, c in enumerate(p)))
+        dist[key] = dist.get(key, 0.0) + prob
+    return dist

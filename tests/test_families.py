@@ -71,18 +71,20 @@ ARCH_CASES = [
     ("nat", 0.5, 0.0),
     ("ctc", 0.0, 0.0),
     ("ctc", 0.5, 0.0),
+    ("cmlm", 0.0, 0.1),
 ]
 
 
 @pytest.mark.parametrize(
-    ("arch", "glance", "ls"), ARCH_CASES, ids=["at", "nat", "glat", "ctc", "ctc_glat"]
+    ("arch", "glance", "ls"), ARCH_CASES, ids=["at", "nat", "glat", "ctc", "ctc_glat", "cmlm"]
 )
 def test_family_trains_and_decodes_end_to_end(data, capsys, arch, glance, ls):
     run, train_rows, valid_rows = _train(data, f"{arch}{glance}", arch, glance=glance, ls=ls)
     assert [r["step"] for r in train_rows] == list(range(1, 41))
     first = sum(r["loss"] for r in train_rows[:5])
     last = sum(r["loss"] for r in train_rows[-5:])
-    assert last < 0.8 * first, (first, last)
+    # CMLM has no copied source to start from and learns slowest (measured: 4.45 -> 3.55).
+    assert last < (0.9 if arch == "cmlm" else 0.8) * first, (first, last)
     assert [r["step"] for r in valid_rows] == [40]
     assert math.isfinite(valid_rows[0]["valid_loss"]) and 0 <= valid_rows[0]["valid_bleu"] <= 100
     if glance > 0:
@@ -141,7 +143,10 @@ def test_distill_writes_one_output_per_source_line_and_feeds_prepare(data, capsy
 
 
 def test_benchmark_speed_times_every_decoder_of_every_run_against_at_beam(data, capsys):
-    runs = {arch: _train(data, f"speed_{arch}", arch, steps=3)[0] for arch in ("at", "nat", "ctc", "dat")}
+    runs = {
+        arch: _train(data, f"speed_{arch}", arch, steps=3)[0]
+        for arch in ("at", "nat", "ctc", "cmlm", "dat")
+    }
     out = data.parent / "speed.json"
     capsys.readouterr()
     run_cli(
@@ -169,6 +174,9 @@ def test_benchmark_speed_times_every_decoder_of_every_run_against_at_beam(data, 
         "nat argmax",
         "nat npd-4",
         "ctc greedy",
+        "cmlm iter-1",
+        "cmlm iter-4",
+        "cmlm iter-10",
         "dat greedy",
         "dat lookahead",
         "dat viterbi",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from codat.cmlm import CMLM, cmlm_sentence_loss, cmlm_training_loss, mask_predict
 from codat.config import DecodeConfig, ModelConfig, TrainConfig
 from codat.contrastive import SampleSettings, ranking_terms, sample_terms
 from codat.ctc import (
@@ -471,7 +472,33 @@ CTC = Family(
 )
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (DAT, AT, NAT, CTC)}
+# ---------------------------------------------------------------------------------------------
+# CMLM (mask-predict)
+
+
+def cmlm_family_loss(model, core, batch, *, tc, ratio, generator, autocast):
+    with autocast:
+        return cmlm_training_loss(
+            model, core, batch, generator=generator, label_smoothing=tc.label_smoothing
+        )
+
+
+def _mask_predict(core, src_ids, src_lens, dc, generator):
+    return mask_predict(
+        core, src_ids, src_lens, iterations=dc.iterations, length_beam=dc.length_beam
+    )
+
+
+CMLM_FAMILY = Family(
+    name="cmlm",
+    build=CMLM,
+    loss=cmlm_family_loss,
+    sentence_loss=cmlm_sentence_loss,
+    decoders={"mask-predict": _mask_predict},
+)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (DAT, AT, NAT, CTC, CMLM_FAMILY)}
 
 
 def family(arch: str) -> Family:
