@@ -26,15 +26,6 @@ V = 20
 MAX_LEN = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cmlm(
     dim: int = 16, layers: int = 1, dtype: torch.dtype = torch.float32, dropout: float = 0.0
 ) -> CMLM:

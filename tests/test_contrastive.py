@@ -21,15 +21,6 @@ from codat.objectives import contrastive_loss, reinforce_loss
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random_case(rng: random.Random):
     B, K = rng.randint(1, 4), rng.randint(1, 8)
     scores = [[rng.gauss(0.0, 1.0) for _ in range(K)] for _ in range(B)]

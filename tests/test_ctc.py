@@ -46,15 +46,6 @@ from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, Batch
 from codat.nat import content_targets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_ctc(
     vocab: int = 12,
     *,

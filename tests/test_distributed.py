@@ -63,15 +63,6 @@ ACCUM_MICRO = [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]  # rank r: [micro-batch a, mi
 SPAWN_TIMEOUT_S = 240
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _data() -> ParallelData:
     """8 ragged pairs, ids in [4, 40) (no specials), trainable with lambda = 2."""
     g = torch.Generator().manual_seed(7)

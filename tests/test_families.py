@@ -39,14 +39,6 @@ TRAIN = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> pathlib.Path:
     return prepare_copy_task(tmp_path_factory.mktemp("families"))

@@ -39,16 +39,6 @@ from codat.decode import DagSamples, sample_dag
 from codat.objectives import contrastive_loss, gather_token_logp
 from codat.train import inverse_sqrt_lr, learning_rate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # duplicate_mask
 

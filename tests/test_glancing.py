@@ -30,16 +30,6 @@ from codat.glancing import choose_glanced, force_alignment, glance_ratio
 from codat.objectives import dag_nll, gather_token_logp
 from codat.train import dat_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 NEG_INF = float("-inf")
 
 # ---------------------------------------------------------------------------------------------

@@ -24,16 +24,6 @@ from codat.dat import DATransformer
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from codat.objectives import dag_nll, gather_token_logp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CFG = ModelConfig(
     vocab_size=50,
     dim=32,

@@ -45,15 +45,6 @@ V = 20
 MAX_LEN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_nat(dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> VanillaNAT:
     cfg = ModelConfig(
         vocab_size=V,

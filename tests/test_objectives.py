@@ -12,20 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 
-import pytest
 import torch
 
 from codat.objectives import dag_nll, gather_token_logp
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 NEG_INF = float("-inf")
 

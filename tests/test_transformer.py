@@ -26,15 +26,6 @@ from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from codat.transformer import ATransformer, beam_search, greedy_search, label_smoothed_nll
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and leaves the other cores alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(vocab_size: int = 30, *, std: float | None = 0.3, seed: int = 0) -> ATransformer:
     """dim 32, 2 heads, 2 + 2 layers, no dropout, eval mode. `std` re-draws every Linear and
     Embedding weight ~ N(0, std) so that the random model's outputs are peaked and depend on the

@@ -15,7 +15,7 @@ from torch import nn
 from codat.config import ModelConfig
 from codat.dag import NEG_INF, log_softmax_safe, logsumexp_safe
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from codat.layers import DecoderLayer, Encoder, bert_init
+from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
 
 
 class DagOutput(NamedTuple):
@@ -33,23 +33,11 @@ class Encoded(NamedTuple):
 class DATransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.vocab_size <= 4:
-            raise ValueError(f"model.vocab_size={cfg.vocab_size} must be set (> 4)")
         self.cfg = cfg
         D, H = cfg.dim, cfg.heads
-        self.embed = nn.Embedding(cfg.vocab_size, D, padding_idx=PAD_ID)  # shared by all
-        self.encoder = Encoder(
-            self.embed,
-            layers=cfg.encoder_layers,
-            heads=H,
-            ffn_dim=cfg.ffn_dim,
-            dropout=cfg.dropout,
-            max_positions=cfg.max_source_positions,
-        )
+        self.embed, self.encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
         self.graph_positions = nn.Embedding(cfg.max_graph_positions, D)
-        self.decoder_layers = nn.ModuleList(
-            DecoderLayer(D, H, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
-        )
+        self.decoder_layers = decoder_stack(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         # Transition head: features [h ; separate learned position] -> per-head query/key + gate.
         self.link_positions = nn.Embedding(cfg.max_graph_positions, D)

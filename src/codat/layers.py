@@ -9,11 +9,16 @@ non-autoregressive models never pass either, so their path is unchanged.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from codat.data import PAD_ID
+
+if TYPE_CHECKING:
+    from codat.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
@@ -218,3 +223,28 @@ def bert_init(module: nn.Module) -> None:
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
+
+
+def shared_embedding_and_encoder(cfg: ModelConfig) -> tuple[nn.Embedding, Encoder]:
+    """What every model starts with: one vocabulary embedding (shared by the encoder input, the
+    decoder input and the output projection) and the encoder over it. Checks the vocabulary."""
+    if cfg.vocab_size <= 4:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} must be set (> 4)")
+    embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD_ID)
+    encoder = Encoder(
+        embed,
+        layers=cfg.encoder_layers,
+        heads=cfg.heads,
+        ffn_dim=cfg.ffn_dim,
+        dropout=cfg.dropout,
+        max_positions=cfg.max_source_positions,
+    )
+    return embed, encoder
+
+
+def decoder_stack(cfg: ModelConfig) -> nn.ModuleList:
+    """cfg.decoder_layers post-norm decoder layers."""
+    return nn.ModuleList(
+        DecoderLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout)
+        for _ in range(cfg.decoder_layers)
+    )

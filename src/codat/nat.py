@@ -36,7 +36,7 @@ from torch import nn
 from codat.config import ModelConfig
 from codat.data import PAD_ID, SPECIAL_IDS, Batch
 from codat.decode import collapse_tokens
-from codat.layers import DecoderLayer, Encoder, bert_init
+from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
 
 
 class NatOutput(NamedTuple):
@@ -80,26 +80,14 @@ class VanillaNAT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_length: int = 256) -> None:
         super().__init__()
-        if cfg.vocab_size <= 4:
-            raise ValueError(f"model.vocab_size={cfg.vocab_size} must be set (> 4)")
         if max_length < 1:
             raise ValueError(f"max_length={max_length} must be >= 1")
         self.cfg, self.max_length = cfg, max_length
-        D, H = cfg.dim, cfg.heads
-        self.embed = nn.Embedding(cfg.vocab_size, D, padding_idx=PAD_ID)  # shared by all
-        self.encoder = Encoder(
-            self.embed,
-            layers=cfg.encoder_layers,
-            heads=H,
-            ffn_dim=cfg.ffn_dim,
-            dropout=cfg.dropout,
-            max_positions=cfg.max_source_positions,
-        )
+        D = cfg.dim
+        self.embed, self.encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
         self.length_head = nn.Linear(D, max_length + 1)  # classes T = 0..max_length
         self.positions = nn.Embedding(max_length, D)
-        self.decoder_layers = nn.ModuleList(
-            DecoderLayer(D, H, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
-        )
+        self.decoder_layers = decoder_stack(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(bert_init)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from codat.config import ModelConfig
 from codat.data import BOS_ID, EOS_ID, PAD_ID
-from codat.layers import DecoderLayer, Encoder, LayerCache, bert_init
+from codat.layers import LayerCache, bert_init, decoder_stack, shared_embedding_and_encoder
 
 
 class EncoderOut(NamedTuple):
@@ -45,25 +45,13 @@ class ATransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.vocab_size <= 4:
-            raise ValueError(f"model.vocab_size={cfg.vocab_size} must be set (> 4)")
         if cfg.decoder_layers < 1:
             raise ValueError(f"model.decoder_layers={cfg.decoder_layers} must be >= 1")
         self.cfg = cfg
         D = cfg.dim
-        self.embed = nn.Embedding(cfg.vocab_size, D, padding_idx=PAD_ID)  # shared by all
-        self.encoder = Encoder(
-            self.embed,
-            layers=cfg.encoder_layers,
-            heads=cfg.heads,
-            ffn_dim=cfg.ffn_dim,
-            dropout=cfg.dropout,
-            max_positions=cfg.max_source_positions,
-        )
+        self.embed, self.encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
         self.target_positions = nn.Embedding(cfg.max_graph_positions, D)
-        self.decoder_layers = nn.ModuleList(
-            DecoderLayer(D, cfg.heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
-        )
+        self.decoder_layers = decoder_stack(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(bert_init)
 
