@@ -147,12 +147,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> list[dict]:
-    """Spawn the 2 ranks once; return each rank's saved results."""
-    out = tmp_path_factory.mktemp("ddp")
+def _spawn(worker, out: pathlib.Path) -> list[dict]:
+    """Run `worker(rank, WORLD, port, out)` on WORLD spawned ranks; return each rank's results."""
     ctx = mp.start_processes(
-        _worker,
+        worker,
         args=(WORLD, _free_port(), str(out)),
         nprocs=WORLD,
         join=False,
@@ -169,6 +167,12 @@ def ddp_results(tmp_path_factory) -> list[dict]:
                 p.terminate()
                 p.join()
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list[dict]:
+    """Spawn the 2 ranks once; return each rank's saved results."""
+    return _spawn(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def _single_process_grads(micro_batches: list[list[int]]) -> tuple[dict, list[float]]:
@@ -420,25 +424,7 @@ def _codat_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def codat_ddp_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp_codat")
-    ctx = mp.start_processes(
-        _codat_worker,
-        args=(WORLD, _free_port(), str(out)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return _spawn(_codat_worker, tmp_path_factory.mktemp("ddp_codat"))
 
 
 @pytest.mark.parametrize("ratio", CODAT_RATIOS)
