@@ -92,6 +92,13 @@ def test_family_trains_and_decodes_end_to_end(data, capsys, arch, glance, ls):
         options = ["--samples", "4", "--noise", "0.3"] if decoder == "npd" else []
         run_cli(["generate", str(run), "-i", str(src), "--decoder", decoder, *options])
         assert len(capsys.readouterr().out.splitlines()) == n_src, decoder
+    if arch != "dat":
+        for command in ("analyze", "tune-beta"):
+            with pytest.raises(SystemExit) as e:
+                from codat.cli import main
+
+                main([command, str(run), "--data-dir", str(data)])
+            assert e.value.code == 1 and "samples DAGs" in capsys.readouterr().err
     translator = Translator.from_dir(run)
     assert type(translator.model) is type(FAMILIES[arch].build(translator.model.cfg))
     assert len(translator.generate(["ein mann spielt", "der hund"])) == 2

@@ -140,6 +140,9 @@ def _common_args(p: argparse.ArgumentParser, default_split: str) -> None:
 
 def _setup(a: argparse.Namespace) -> tuple[Translator, ParallelData, list[str], DecodeConfig]:
     translator = Translator.from_dir(a.run_dir, device=a.device)
+    arch = translator.model.cfg.arch
+    if arch != "dat":
+        raise ValueError(f"{a.run_dir} is a model.arch={arch} run: this command samples DAGs (dat)")
     data, refs = _load_split(a.data_dir, a.split)
     if a.max_sentences > 0:
         data = ParallelData(data.src[: a.max_sentences], data.tgt[: a.max_sentences])
