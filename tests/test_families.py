@@ -241,6 +241,12 @@ def test_arch_mismatches_are_errors_naming_the_key(data, capsys, overrides, mess
     assert not (data.parent / "bad").exists()  # nothing half-written
 
 
+def test_nat_trains_and_validates_when_references_exceed_max_length(data):
+    """Training pairs longer than model.max_length are dropped; validation scores the rest."""
+    run, rows, valid = _train(data, "nat_short", "nat", steps=3, extra=["model.max_length=5"])
+    assert len(rows) == 3 and math.isfinite(valid[-1]["valid_loss"])
+
+
 def test_unknown_arch_in_config_dict():
     with pytest.raises(ValueError, match="model.arch='rnn'"):
         config_from_dict({"model": {"arch": "rnn"}})

@@ -385,9 +385,13 @@ def nat_training_loss(model, core, batch, *, tc, ratio, generator, autocast):
 @torch.no_grad()
 def nat_sentence_loss(core, batch: Batch) -> torch.Tensor:  # (B,) token NLL at the true length
     tgt_ids, tgt_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+    # A reference longer than the decoder can be (max_length) is scored on its first max_length.
+    tgt_lens = tgt_lens.clamp(max=core.max_length)
     lens = tgt_lens.clamp(min=1)
     out = core(batch.src_ids, batch.src_lens, lens)
-    return -token_logp_sums(out.token_logits, tgt_ids, tgt_lens) / lens
+    return (
+        -token_logp_sums(out.token_logits, tgt_ids[:, : out.token_logits.shape[1]], tgt_lens) / lens
+    )
 
 
 def _nat_argmax(core, src_ids, src_lens, dc, generator):

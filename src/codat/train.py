@@ -205,6 +205,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
         upsample_scale=cfg.model.upsample_scale if upsampled else None,
         max_ratio=cfg.data.max_ratio,
     )
+    if cfg.model.arch in ("nat", "cmlm"):  # the length classifier covers 0..max_length
+        ok &= (train_data.tgt_lens - 2) <= cfg.model.max_length
     train_idx = ok.nonzero().squeeze(1).tolist()
 
     optimizer = torch.optim.AdamW(
