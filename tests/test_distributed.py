@@ -103,8 +103,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One DDP rank (spawned): writes its gradients and losses to out_dir/rank{rank}.pt."""
+def _join(rank: int, world: int, port: int) -> DistInfo:
+    """Set the torchrun environment of one spawned rank and join the process group."""
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -115,6 +115,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     info = DistInfo.from_env()
     distributed.setup(info)
+    return info
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One DDP rank (spawned): writes its gradients and losses to out_dir/rank{rank}.pt."""
+    info = _join(rank, world, port)
     try:
         result = {"info": (info.rank, info.local_rank, info.world_size, info.is_main)}
         value = torch.tensor([float(rank + 1), 10.0 * rank])
@@ -397,16 +403,7 @@ def _codat_loss(model, core, batch, ratio: float, half: int, objective: str = "c
 
 def _codat_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One DDP rank (spawned): for each ratio, the codat loss, stats and gradient of its half."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    info = DistInfo.from_env()
-    distributed.setup(info)
+    info = _join(rank, world, port)
     try:
         result = {}
         batch = _codat_batch(rank)

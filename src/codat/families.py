@@ -317,13 +317,9 @@ def _at_greedy(core, src_ids, src_lens, dc, generator):
     return greedy_search(core, src_ids, src_lens, max_len_a=dc.max_len_a, max_len_b=dc.max_len_b)
 
 
-def _build_at(cfg: ModelConfig) -> nn.Module:
-    return ATransformer(cfg)
-
-
 AT = Family(
     name="at",
-    build=_build_at,
+    build=ATransformer,
     loss=at_training_loss,
     sentence_loss=at_sentence_loss,
     decoders={"beam": _at_beam, "greedy": _at_greedy},
