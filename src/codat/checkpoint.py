@@ -13,7 +13,37 @@ import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from codat.config import RunConfig, load_config, save_config
+from codat.cmlm import CMLM
+from codat.config import ModelConfig, RunConfig, load_config, save_config
+from codat.ctc import CTCModel
+from codat.dat import DATransformer
+from codat.nat import VanillaNAT
+from codat.transformer import ATransformer
+
+# The model class of each model.arch (glat is the vanilla NAT trained with glancing).
+MODELS: dict[str, type[nn.Module]] = {
+    "dat": DATransformer,
+    "at": ATransformer,
+    "nat": VanillaNAT,
+    "glat": VanillaNAT,
+    "ctc": CTCModel,
+    "cmlm": CMLM,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model of `cfg.arch`."""
+    return MODELS[cfg.arch](cfg)
+
+
+def load_model(
+    path: str | pathlib.Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, RunConfig]:
+    """The model of a checkpoint directory, on `device` in eval mode, and its run config."""
+    cfg = load_checkpoint_config(path)
+    model = build_model(cfg.model)
+    load_weights(path, model, device)
+    return model.to(device).eval(), cfg
 
 
 def save_checkpoint(
@@ -57,7 +87,8 @@ def load_weights(
 
 
 def load_checkpoint_config(path: str | pathlib.Path) -> RunConfig:
-    return load_config(pathlib.Path(path) / "config.yaml")
+    """The run config stored with a checkpoint (keys renamed since it was written are migrated)."""
+    return load_config(pathlib.Path(path) / "config.yaml", migrate=True)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

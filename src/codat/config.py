@@ -7,21 +7,47 @@ config is written to every run directory and checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-ARCHS = ("dat", "at", "nat", "ctc", "cmlm")
+ARCHS = ("dat", "at", "nat", "glat", "ctc", "cmlm")
+OBJECTIVES = ("dp", "codat", "reward")
+# Architectures whose training step can add CoDAT's sample term (train.objective codat / reward).
+SAMPLE_OBJECTIVE_ARCHS = ("dat", "nat", "glat", "ctc")
+
+# Keys that were renamed: loading a config that still uses one raises an error naming the new key;
+# checkpoints written before the rename are migrated silently (`migrate_config`).
+RENAMED = {
+    "train.betas": "train.adam_betas",
+    "train.cl_samples": "codat.samples",
+    "train.cl_keep": "codat.keep",
+    "train.cl_temperature": "codat.temperature",
+    "train.cl_top_p": "codat.top_p",
+    "train.cl_top_tokens": "codat.top_tokens",
+    "train.cl_margin": "codat.margin",
+    "train.cl_tie": "codat.tie",
+    "train.cl_weight": "codat.weight",
+    "train.cl_alpha": "codat.alpha",
+    "train.cl_noise": "codat.noise",
+    "train.reward_samples": "codat.reward_samples",
+    "train.eval_cl_sentences": "codat.eval_sentences",
+    "decode.beta": "decode.lookahead_token_weight",
+    "decode.viterbi_beta": "decode.viterbi_length_exponent",
+    "decode.sample_beta": "decode.rerank_token_weight",
+}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Model family, size and shape (method.md §2). `vocab_size` 0 = take it from the data.
 
-    arch: dat (DA-Transformer), at (autoregressive Transformer), nat (vanilla NAT; GLAT with
-    glancing), ctc (CTC NAT on the upsampled source; CTC+GLAT with glancing), cmlm (mask-predict).
+    arch: dat (DA-Transformer), at (autoregressive Transformer), nat (vanilla NAT, no glancing),
+    glat (the same model trained with glancing), ctc (CTC NAT on the upsampled source; CTC+GLAT
+    when train.glance_* > 0), cmlm (mask-predict).
     """
 
     arch: str = "dat"
@@ -34,8 +60,9 @@ class ModelConfig:
     dropout: float = 0.1
     upsample_scale: float = 8.0  # lambda: graph size L = floor(lambda * m), m counts </s>
     max_source_positions: int = 256
-    max_graph_positions: int = 2048  # dat/ctc: graph vertices; at: target positions
-    max_length: int = 256  # nat/cmlm: length classes 0..max_length (target content tokens)
+    max_graph_positions: int = 2048  # dat/ctc: graph vertices (decoder positions)
+    max_target_positions: int = 1024  # at: decoder positions (<s> + target)
+    max_length: int = 256  # nat/glat/cmlm: length classes 0..max_length (target content tokens)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -67,7 +94,7 @@ class TrainConfig:
     lr: float = 5e-4
     warmup_steps: int = 10000
     warmup_init_lr: float = 1e-7
-    betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     clip_norm: float = 0.1
     max_tokens: int = 4096  # per micro-batch: batch size * longest (source or target) length
@@ -85,33 +112,19 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     bf16: bool = False  # autocast the model's matmuls to bfloat16 (the DP stays float32)
     lr_schedule: str = "inverse_sqrt"  # or "constant" (after the linear warm-up)
-    # CoDAT fine-tuning (method.md §9): objective dp = DAT's DP loss only; codat = DP + ranking
-    # constraints on the model's own samples; reward = DP + REINFORCE on sentence BLEU.
+    # objective dp = the model's own loss (DAT: the DP loss); codat = + ranking constraints on the
+    # model's own samples; reward = + the reward term (settings: the `codat` section).
     objective: str = "dp"
     init_from: str = ""  # checkpoint or run directory whose weights start the run (stage 2)
-    cl_samples: int = 128  # K samples per sentence
-    cl_keep: float = 0.25  # codat: fraction of the K kept (best by sentence BLEU)
-    cl_temperature: float = 0.1
-    cl_top_p: float = 0.5
-    cl_top_tokens: int = 1  # candidate tokens per vertex (1 = the paper's Algorithm 2)
-    cl_margin: float = 0.001  # eps_LB per rank gap
-    cl_tie: float = 0.001  # rewards (BLEU / 100) closer than this are not ranked
-    cl_weight: float = 1.0  # loss = DP + cl_weight * (contrastive or reward term)
-    cl_alpha: float = 0.0  # DP-loss gate; 0 = the init model's mean validation DP loss
-    reward_samples: int = 32  # reward: samples per sentence that carry the REINFORCE gradient
-    eval_cl_sentences: int = 0  # validation contrastive loss on this many sentences (0 = off)
-    cl_noise: float = 0.5  # nat (GLAT + NPD): std of the Gaussian noise on the decoder inputs
     label_smoothing: float = 0.0  # at / nat / cmlm: epsilon of the label-smoothed NLL
 
     def __post_init__(self) -> None:
-        if self.objective not in ("dp", "codat", "reward"):
+        if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective='{self.objective}': choose dp, codat or reward")
         if self.lr_schedule not in ("inverse_sqrt", "constant"):
             raise ValueError(
                 f"train.lr_schedule='{self.lr_schedule}': choose inverse_sqrt or constant"
             )
-        if self.cl_samples < 2 or not 0 < self.cl_keep <= 1:
-            raise ValueError("train.cl_samples must be >= 2 and train.cl_keep in (0, 1]")
         if self.update_freq < 1:
             raise ValueError(f"train.update_freq={self.update_freq} must be >= 1")
         if not (0 <= self.glance_end <= 1 and 0 <= self.glance_start <= 1):
@@ -121,22 +134,64 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CodatConfig:
+    """CoDAT's sample term (paper §3, method.md §9), used when train.objective is codat or reward:
+    K samples per sentence from the model, rewarded by sentence BLEU against the reference; codat
+    keeps the best `keep` fraction and ranks them (eq. 10), reward uses the first
+    `reward_samples`. Sentences whose DP loss exceeds `alpha` get no sample term."""
+
+    samples: int = 128  # K samples per sentence
+    keep: float = 0.25  # codat: fraction of the K kept (best by sentence BLEU)
+    temperature: float = 0.1  # sampling temperature (DAT: Algorithm 2; CTC: per position)
+    top_p: float = 0.5  # DAT: top-p of each sampling step
+    top_tokens: int = 1  # DAT: candidate tokens per vertex (1 = the paper's Algorithm 2)
+    noise: float = 0.5  # nat/glat (NPD samples): std of the Gaussian noise on decoder inputs
+    margin: float = 0.001  # eps_LB per rank gap
+    tie: float = 0.001  # rewards (BLEU / 100) closer than this are not ranked
+    weight: float = 1.0  # loss = model loss + weight * (contrastive or reward term)
+    alpha: float = 0.0  # DP-loss gate; 0 = the init model's mean validation loss (set at start)
+    reward_samples: int = 32  # reward: samples per sentence that carry the gradient
+    eval_sentences: int = 0  # validation contrastive loss on this many sentences (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.samples < 2 or not 0 < self.keep <= 1:
+            raise ValueError(
+                f"codat.samples={self.samples} must be >= 2 and codat.keep={self.keep} in (0, 1]"
+            )
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_tokens < 1:
+            raise ValueError(
+                "codat.temperature must be > 0, codat.top_p in (0, 1] and codat.top_tokens >= 1"
+            )
+        if self.reward_samples < 1 or self.alpha < 0 or self.noise < 0:
+            raise ValueError("codat.reward_samples must be >= 1, codat.alpha and codat.noise >= 0")
+
+    @property
+    def kept(self) -> int:
+        """How many samples per sentence codat ranks: ceil(keep * K), at least 2."""
+        return max(2, math.ceil(self.samples * self.keep))
+
+    def gate(self) -> float:
+        """The DP-loss threshold alpha (inf when unset, i.e. before the start calibrates it)."""
+        return self.alpha if self.alpha > 0 else math.inf
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
     """Decoder choice and its knobs (method.md §5). Decoders per model.arch (the first is the
     default, chosen by decoder ''): dat lookahead|greedy|viterbi|sample; at beam|greedy;
     nat argmax|npd; ctc greedy; cmlm mask-predict."""
 
     decoder: str = ""
-    beta: float = 1.0  # lookahead: weight of the token log-prob
-    viterbi_beta: float = 1.0  # joint-Viterbi length normalisation exponent
+    lookahead_token_weight: float = 1.0  # lookahead: weight of the token log-prob
+    viterbi_length_exponent: float = 1.0  # joint Viterbi: score / length ** this exponent
     max_tokens: int = 8192
     # sample: draw `samples` paths per sentence (CoDAT Algorithms 2/3), return the best by
-    # sample_beta * token score + (1 - sample_beta) * transition score (tune: codat tune-beta).
+    # rerank_token_weight * token score + (1 - it) * transition score (`codat tune-beta`).
     samples: int = 128
     temperature: float = 0.05
     top_p: float = 0.5
     top_tokens: int = 1  # candidate tokens per vertex (1 = the paper's Algorithm 2)
-    sample_beta: float = 0.5
+    rerank_token_weight: float = 0.5
     seed: int = 1
     # at: beam search (fairseq's defaults), the length limit floor(max_len_a * m + max_len_b)
     beam: int = 5
@@ -154,8 +209,22 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    codat: CodatConfig = field(default_factory=CodatConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     run_dir: str = "runs/dat"
+
+    def __post_init__(self) -> None:
+        arch, tc = self.model.arch, self.train
+        if arch == "nat" and (tc.glance_start > 0 or tc.glance_end > 0):
+            raise ValueError(
+                "model.arch=nat is the vanilla NAT, which does not glance: use model.arch=glat "
+                "for GLAT, or set train.glance_start=0 and train.glance_end=0"
+            )
+        if tc.objective != "dp" and arch not in SAMPLE_OBJECTIVE_ARCHS:
+            raise ValueError(
+                f"train.objective='{tc.objective}' does not apply to model.arch={arch} "
+                f"(codat and reward train {', '.join(SAMPLE_OBJECTIVE_ARCHS)})"
+            )
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -165,6 +234,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         name = f"{where}.{key}" if where else key
+        if name in RENAMED:
+            raise ValueError(f"config key '{name}' was renamed to '{RENAMED[name]}'")
         if key not in fields:
             raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(fields))})")
         sub = (
@@ -218,6 +289,26 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, values or {}, "")
 
 
+def migrate_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config written before the renames in `RENAMED` (and before model.arch=glat), in today's
+    keys: how checkpoints saved by earlier versions stay loadable."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (values or {}).items()}
+    for old, new in RENAMED.items():
+        old_section, old_key = old.split(".")
+        section = out.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            new_section, new_key = new.split(".")
+            out.setdefault(new_section, {})[new_key] = section.pop(old_key)
+    model, train = out.get("model", {}), out.get("train", {})
+    if model.get("arch") == "nat" and (
+        train.get("glance_start", 0.5) or train.get("glance_end", 0.1)
+    ):
+        model["arch"] = "glat"  # before glat existed, nat glanced unless glancing was zeroed
+    if model.get("arch") == "at" and "max_graph_positions" in model:
+        model.setdefault("max_target_positions", model["max_graph_positions"])
+    return out
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (value parsed as YAML) to a nested dict."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
@@ -235,7 +326,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
-def load_config(path: str | pathlib.Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | pathlib.Path, overrides: list[str] | None = None, *, migrate: bool = False
+) -> RunConfig:
+    """The RunConfig of a YAML file plus `section.key=value` overrides; `migrate` first rewrites
+    keys renamed since the file was written (for checkpoints, see `migrate_config`)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -243,6 +338,8 @@ def load_config(path: str | pathlib.Path, overrides: list[str] | None = None) ->
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from None
+    if migrate and isinstance(values, dict):
+        values = migrate_config(values)
     try:
         return config_from_dict(apply_overrides(values, overrides or []))
     except ValueError as e:
@@ -251,7 +348,7 @@ def load_config(path: str | pathlib.Path, overrides: list[str] | None = None) ->
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
-    d["train"]["betas"] = list(d["train"]["betas"])
+    d["train"]["adam_betas"] = list(d["train"]["adam_betas"])
     return d
 
 

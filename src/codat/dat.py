@@ -18,6 +18,19 @@ from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
 
 
+def graph_lengths(
+    src_lens: torch.Tensor,  # (B,) source lengths m_b, counting </s>
+    *,
+    upsample_scale: float,
+    max_positions: int,
+    min_length: int = 2,
+) -> torch.Tensor:  # (B,) long
+    """The upsampled output size L_b = floor(lambda * m_b), clipped to [min_length, max_positions]
+    (DAT's graph: at least <s> and </s>; CTC's output positions: min_length 1)."""
+    L = torch.floor(src_lens.double() * upsample_scale).long()
+    return L.clamp(min=min_length, max=max_positions)
+
+
 class DagOutput(NamedTuple):
     token_logits: torch.Tensor  # (B, L, V)
     trans_logp: torch.Tensor  # (B, L, L) float32, -inf unless u < v < L_b
@@ -46,15 +59,18 @@ class DATransformer(nn.Module):
         self.link_gate = nn.Linear(2 * D, H)
         self.apply(bert_init)
 
-    def graph_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """L_b = floor(lambda * m_b), m_b counting </s>, clipped to [2, max_graph_positions]."""
-        L = torch.floor(src_lens.double() * self.cfg.upsample_scale).long()
-        return L.clamp(min=2, max=self.cfg.max_graph_positions)
+    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The graph size L_b of each source (`graph_lengths`): what a decoding batch holds."""
+        return graph_lengths(
+            src_lens,
+            upsample_scale=self.cfg.upsample_scale,
+            max_positions=self.cfg.max_graph_positions,
+        )
 
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> Encoded:
         S = src_ids.shape[1]
         src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
-        return Encoded(self.encoder(src_ids, src_mask), src_mask, self.graph_lengths(src_lens))
+        return Encoded(self.encoder(src_ids, src_mask), src_mask, self.output_lengths(src_lens))
 
     def graph_inputs(self, graph_lens: torch.Tensor) -> torch.Tensor:  # (B, L) long
         """Placeholder decoder input [<s>, <unk> x (L_b - 2), </s>, <pad> ...]."""

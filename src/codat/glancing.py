@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from codat.dag import NEG_INF
@@ -12,6 +15,20 @@ def glance_ratio(step: int, *, start: float, end: float, anneal_steps: int) -> f
     if anneal_steps <= 0 or step >= anneal_steps:
         return end
     return start + (end - start) * step / (anneal_steps + 1)
+
+
+@contextlib.contextmanager
+def replay_rng(device: torch.device) -> Iterator[None]:
+    """Run the block, then restore torch's global RNG (CPU, and CUDA for a CUDA device) to its
+    state before it: glancing's pass 2 then draws exactly pass 1's dropout masks."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def choose_glanced(

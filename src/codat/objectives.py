@@ -7,6 +7,12 @@ import torch
 from codat.dag import dag_log_likelihood, dag_log_likelihood_shared
 
 
+def log_softmax_fp32(logits: torch.Tensor) -> torch.Tensor:  # (..., V)
+    """log_softmax over the last axis in at least float32 (float32 under bf16 autocast; float64
+    stays float64)."""
+    return torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
 def gather_token_logp(
     token_logits: torch.Tensor,  # (B, L, V)
     tgt_ids: torch.Tensor,  # (B, N)
@@ -134,3 +140,22 @@ def reinforce_loss(
     advantage = (rewards - baseline.unsqueeze(1)).to(log_q.dtype).detach()
     terms = -(advantage * log_q) * mask
     return terms.sum() / mask.sum().clamp(min=1)
+
+
+def sample_loss(
+    scores: torch.Tensor,  # (b, k) length-normalised log q of the chosen samples, with grad
+    rewards: torch.Tensor,  # (b, k) their rewards
+    distinct: torch.Tensor,  # (b, k) bool: False for duplicates
+    baseline: torch.Tensor,  # (b,) mean reward of all K samples of each sentence
+    *,
+    objective: str,  # "codat" or "reward"
+    margin: float,
+    tie: float,
+) -> torch.Tensor:  # scalar
+    """CoDAT's extra term on the chosen samples: the ranking constraints of eq. (10) over the
+    distinct samples (`codat`), or REINFORCE with the mean-reward baseline (`reward`)."""
+    if objective == "codat":
+        return contrastive_loss(scores, rewards, margin=margin, mask=distinct, tie=tie)
+    if objective == "reward":
+        return reinforce_loss(scores, rewards, baseline)
+    raise ValueError(f"objective must be 'codat' or 'reward', got '{objective}'")

@@ -1,0 +1,84 @@
+"""Which samples CoDAT trains on (paper §3.3, method.md §9.7): pure functions of tensors.
+
+The sample term of every model runs the same line: draw K samples, reward them by sentence BLEU,
+then `dp_gate` (skip sentences the model cannot yet explain), `duplicate_mask`, and
+`choose_samples` (codat: the best `kept` by reward, distinct samples first; reward: the first R),
+before the model scores the chosen samples with grad and `objectives.sample_loss` compares them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def dp_gate(
+    ref_loss: torch.Tensor,  # (B,) the model's length-normalised loss of each reference
+    *,
+    alpha: float,
+) -> torch.Tensor:  # (B,) bool
+    """True for sentences whose reference loss is finite and at most alpha (paper §3.3: examples
+    whose DP loss exceeds alpha get no contrastive term)."""
+    return torch.isfinite(ref_loss) & (ref_loss <= alpha)
+
+
+def duplicate_mask(
+    tokens: torch.Tensor,  # (B, K, T) sample ids
+    lengths: torch.Tensor,  # (B, K)
+    *,
+    pad_id: int,
+) -> torch.Tensor:  # (B, K) bool
+    """True for a sample identical (up to its length) to an earlier sample of the same sentence."""
+    B, K, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device)
+    clean = tokens.masked_fill(pos >= lengths.unsqueeze(-1), pad_id)
+    same = (clean.unsqueeze(2) == clean.unsqueeze(1)).all(-1)  # (B, K, K)
+    earlier = torch.ones(K, K, dtype=torch.bool, device=tokens.device).tril(-1)
+    return (same & earlier).any(-1)
+
+
+class ChosenSamples(NamedTuple):
+    rows: torch.Tensor  # (b,) long: the sentences that passed the gate
+    tokens: torch.Tensor  # (b, k, T') ids, trimmed to the longest chosen sample (T' >= 1)
+    lengths: torch.Tensor  # (b, k)
+    rewards: torch.Tensor  # (b, k)
+    distinct: torch.Tensor  # (b, k) bool: False for a duplicate of an earlier sample
+
+
+def choose_samples(
+    tokens: torch.Tensor,  # (B, K, T)
+    lengths: torch.Tensor,  # (B, K)
+    rewards: torch.Tensor,  # (B, K)
+    duplicates: torch.Tensor,  # (B, K) bool
+    gate: torch.Tensor,  # (B,) bool
+    *,
+    objective: str,  # "codat" or "reward"
+    count: int,  # codat: samples kept per sentence; reward: the first `count` samples
+) -> ChosenSamples:
+    """The samples that carry gradient, for the sentences that pass the gate.
+
+    codat keeps the `count` best by reward, distinct samples first (a duplicate only fills a slot
+    no distinct sample can); reward takes the first `count` (i.i.d.) samples."""
+    if objective not in ("codat", "reward"):
+        raise ValueError(f"objective must be 'codat' or 'reward', got '{objective}'")
+    if count < 1:
+        raise ValueError(f"count={count} must be >= 1")
+    rows = gate.nonzero().squeeze(1)
+    K = tokens.shape[1]
+    k = min(count, K)
+    if objective == "codat":
+        key = torch.where(duplicates, rewards - 2.0, rewards)[rows]  # rewards lie in [0, 1]
+        idx = key.topk(k, dim=1).indices  # (b, k)
+    else:
+        idx = torch.arange(k, device=tokens.device).unsqueeze(0).expand(len(rows), k)
+    chosen_lens = lengths[rows].gather(1, idx)
+    width = max(int(chosen_lens.max()) if chosen_lens.numel() else 0, 1)
+    chosen = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return ChosenSamples(
+        rows,
+        chosen[..., :width],
+        chosen_lens,
+        rewards[rows].gather(1, idx),
+        ~duplicates[rows].gather(1, idx),
+    )
