@@ -10,7 +10,8 @@ import tempfile
 
 import torch
 import yaml
-from safetensors.torch import load_file, load_model, save_file, save_model
+import safetensors.torch
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from codat.cmlm import CMLM
@@ -83,7 +84,7 @@ def load_weights(
     file = pathlib.Path(path) / "model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"no model.safetensors in {path}")
-    load_model(model, str(file), device=str(device))
+    safetensors.torch.load_model(model, str(file), device=str(device))
 
 
 def load_checkpoint_config(path: str | pathlib.Path) -> RunConfig:
