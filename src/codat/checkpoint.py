@@ -8,9 +8,9 @@ import pathlib
 import shutil
 import tempfile
 
+import safetensors.torch
 import torch
 import yaml
-import safetensors.torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
