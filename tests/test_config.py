@@ -8,11 +8,13 @@ save_config/load_config round-trips, and that the configs shipped in configs/ lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 import pytest
 
 from codat.config import (
+    CodatConfig,
     ModelConfig,
     RunConfig,
     apply_overrides,
@@ -33,7 +35,7 @@ model:
   encoder_layers: 1
 train:
   lr: 5.0e-4
-  betas: [0.9, 0.98]
+  adam_betas: [0.9, 0.98]
   bf16: true
 """
 
@@ -53,7 +55,7 @@ def test_yaml_values_and_defaults(cfg_file):
     assert (cfg.model.dim, cfg.model.heads, cfg.model.encoder_layers) == (64, 2, 1)
     assert cfg.model.decoder_layers == ModelConfig().decoder_layers  # default kept
     assert cfg.train.lr == 5e-4
-    assert cfg.train.betas == (0.9, 0.98)
+    assert cfg.train.adam_betas == (0.9, 0.98)
     assert cfg.train.bf16 is True
 
 
@@ -124,7 +126,7 @@ def test_section_given_a_scalar_raises(cfg_file):
         ("train.max_steps=2.5", "train.max_steps"),
         ("train.lr=fast", "train.lr"),
         ("train.bf16=maybe", "train.bf16"),
-        ("train.betas=0.9", "train.betas"),
+        ("train.adam_betas=0.9", "train.adam_betas"),
         ("model.dim=[1, 2]", "model.dim"),
     ],
 )
@@ -196,7 +198,7 @@ def test_save_load_round_trip_of_the_defaults(tmp_path):
     save_config(RunConfig(), tmp_path / "d.yaml")
     back = load_config(tmp_path / "d.yaml")
     assert back == RunConfig()
-    assert isinstance(back.train.betas, tuple)
+    assert isinstance(back.train.adam_betas, tuple)
 
 
 def test_config_from_dict_of_none_gives_the_defaults():
@@ -220,7 +222,7 @@ def test_every_shipped_config_loads(path):
     "override, key",
     [
         ("data.dir=", "data.dir"),
-        ("train.betas=[0.9]", "train.betas"),
+        ("train.adam_betas=[0.9]", "train.adam_betas"),
         ("train.max_steps=true", "train.max_steps"),
         ("train.bf16=2", "train.bf16"),
     ],
@@ -232,3 +234,66 @@ def test_loose_values_are_rejected_naming_the_key(override, key):
 
 def test_integer_in_exponent_notation_is_accepted():
     assert config_from_dict(apply_overrides({}, ["train.max_steps=1e5"])).train.max_steps == 100000
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("train.cl_samples=8", "codat.samples"),
+        ("train.eval_cl_sentences=5", "codat.eval_sentences"),
+        ("train.betas=[0.9,0.98]", "train.adam_betas"),
+        ("decode.beta=0.5", "decode.lookahead_token_weight"),
+        ("decode.sample_beta=0.5", "decode.rerank_token_weight"),
+        ("decode.viterbi_beta=0.5", "decode.viterbi_length_exponent"),
+    ],
+)
+def test_renamed_key_error_names_the_new_key(tmp_path, old, new):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("run_dir: r\n")
+    with pytest.raises(ValueError, match=f"'{old.split('=')[0]}' was renamed to '{new}'"):
+        load_config(path, [old])
+
+
+def test_checkpoint_config_with_old_keys_is_migrated(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "model: {arch: nat}\n"
+        "train: {betas: [0.8, 0.9], cl_samples: 16, cl_alpha: 2.5, glance_start: 0.5}\n"
+        "decode: {beta: 0.7, sample_beta: 0.3}\n"
+    )
+    with pytest.raises(ValueError, match="renamed"):
+        load_config(path)
+    cfg = load_config(path, migrate=True)
+    assert cfg.model.arch == "glat"  # nat glanced before glat existed
+    assert cfg.train.adam_betas == (0.8, 0.9)
+    assert (cfg.codat.samples, cfg.codat.alpha) == (16, 2.5)
+    assert (cfg.decode.lookahead_token_weight, cfg.decode.rerank_token_weight) == (0.7, 0.3)
+
+
+def test_nat_with_glancing_is_an_error_naming_glat(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: {arch: nat}\ntrain: {glance_start: 0.5, glance_end: 0.1}\n")
+    with pytest.raises(ValueError, match="model.arch=glat"):
+        load_config(path)
+    cfg = load_config(path, ["train.glance_start=0", "train.glance_end=0"])
+    assert cfg.model.arch == "nat"
+
+
+@pytest.mark.parametrize("arch", ["at", "cmlm"])
+def test_sample_objective_on_an_arch_without_samples_is_an_error(tmp_path, arch):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"model: {{arch: {arch}}}\ntrain: {{objective: codat}}\n")
+    with pytest.raises(
+        ValueError, match=f"train.objective='codat' does not apply to model.arch={arch}"
+    ):
+        load_config(path)
+
+
+def test_codat_section_validates_and_resolves_gate():
+    assert CodatConfig(samples=8, keep=0.25).kept == 2
+    assert CodatConfig(samples=128, keep=0.25).kept == 32
+    assert CodatConfig().gate() == math.inf
+    assert CodatConfig(alpha=1.5).gate() == 1.5
+    for bad in ({"samples": 1}, {"keep": 0.0}, {"temperature": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match="codat"):
+            CodatConfig(**bad)

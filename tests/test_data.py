@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from codat.dat import graph_lengths
 from codat.data import BOS_ID, EOS_ID, PAD_ID, ParallelData, read_meta, shard, token_batches
 
 
@@ -101,6 +102,10 @@ def test_read_meta_missing_names_the_file(tmp_path):
         read_meta(tmp_path)
 
 
+def _graph(d: ParallelData, scale: float) -> torch.Tensor:
+    return graph_lengths(d.src_lens, upsample_scale=scale, max_positions=10**6)
+
+
 def test_trainable_mask_checks_graph_size_ratio_and_emptiness():
     d = ParallelData(
         [_ids(5), _ids(5), _ids(5, 6), _ids(), _ids(5), _ids(5, 6, 7, 8, 9)],
@@ -108,7 +113,7 @@ def test_trainable_mask_checks_graph_size_ratio_and_emptiness():
     )
     # src_lens [2,2,3,1,2,6], tgt_lens [4,5,6,3,2,4]; graph at scale 2: [4,4,6,2,4,12]
     # ratios: 2, 3, 2, -, -, 2.5
-    assert d.trainable_mask(upsample_scale=2, max_ratio=2).tolist() == [
+    assert d.trainable_mask(max_target_lens=_graph(d, 2), max_ratio=2).tolist() == [
         True,
         False,
         True,
@@ -116,7 +121,7 @@ def test_trainable_mask_checks_graph_size_ratio_and_emptiness():
         False,
         False,
     ]
-    assert d.trainable_mask(upsample_scale=2, max_ratio=0).tolist() == [
+    assert d.trainable_mask(max_target_lens=_graph(d, 2), max_ratio=0).tolist() == [
         True,
         False,
         True,
@@ -124,7 +129,7 @@ def test_trainable_mask_checks_graph_size_ratio_and_emptiness():
         False,
         True,
     ]
-    assert d.trainable_mask(upsample_scale=3, max_ratio=3).tolist() == [
+    assert d.trainable_mask(max_target_lens=_graph(d, 3), max_ratio=3).tolist() == [
         True,
         True,
         True,
@@ -132,7 +137,7 @@ def test_trainable_mask_checks_graph_size_ratio_and_emptiness():
         False,
         True,
     ]
-    assert d.trainable_mask(upsample_scale=1.5, max_ratio=0).tolist() == [
+    assert d.trainable_mask(max_target_lens=_graph(d, 1.5), max_ratio=0).tolist() == [
         False,
         False,
         False,

@@ -2,17 +2,19 @@
 
 Compared, with 2 ranks spawned by torch.multiprocessing (gloo, MASTER_ADDR 127.0.0.1, a free port,
 RANK/WORLD_SIZE/LOCAL_RANK in each child's environment, `distributed.setup(DistInfo.from_env())`)
-and the same tiny DATransformer (same seed) wrapped in DistributedDataParallel:
+and the same tiny model (same seed) inside `train.TrainingStep` wrapped in DistributedDataParallel,
+as `codat train` runs it:
 
-* one step: each rank's gradient of `train.dat_loss` (ratio 0, no dropout) on its own half of a
-  fixed 4-sentence batch, after DDP's all-reduce, with the single-process gradient of
-  0.5 * (loss_half0 + loss_half1) (the mean-over-sentences loss of the concatenated batch, since
-  the halves have equal size) and with the other rank's gradient; the per-rank losses with the
-  single-process half losses; the single-process half-mean gradient also with the gradient of the
-  loss computed on the concatenated (re-padded) batch itself.
-* gradient accumulation as `train.train` does it: two micro-batches per rank, `model.no_sync()` on
-  the first, backward of loss / 2 on each; the resulting gradient (averaged over ranks by DDP) with
-  the single-process gradient of the mean loss over the 4 micro-batches.
+* one step of every model and objective (DAT dp / codat / reward with and without glancing, GLAT
+  codat on NPD samples, vanilla NAT, CTC and CTC+GLAT dp and codat, AT, CMLM): each rank's gradient
+  on its own half of a fixed 4-sentence batch (a per-half generator seed for glancing and
+  sampling), after DDP's all-reduce, with the single-process gradient of the mean of the two half
+  losses; the per-rank loss and statistics with the single-process ones of that half. Every
+  forward a step makes (glancing pass, trained pass, CoDAT's un-glanced pass) runs inside the one
+  DDP forward, so a gradient that escaped the all-reduce would differ from the expected one.
+* gradient accumulation as `train.Loop.update` does it: two micro-batches per rank,
+  `model.no_sync()` on the first, backward of loss / 2 on each; the result (averaged over ranks by
+  DDP) with the single-process gradient of the mean loss over the 4 micro-batches.
 * `distributed.all_reduce_mean` with the mean of the ranks' values (input left unchanged) and
   `DistInfo.from_env` inside the children with the rank each was given.
 
@@ -36,25 +38,15 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import make_config, make_model
 from torch.nn.parallel import DistributedDataParallel
 
 from codat import distributed
-from codat.config import ModelConfig
-from codat.dat import DATransformer
+from codat.config import CodatConfig, RunConfig, TrainConfig
 from codat.data import ParallelData
 from codat.distributed import DistInfo
-from codat.train import dat_loss
+from codat.train import TrainingStep
 
-CFG = ModelConfig(
-    vocab_size=40,
-    dim=32,
-    heads=4,
-    ffn_dim=64,
-    encoder_layers=1,
-    decoder_layers=1,
-    upsample_scale=2.0,
-    dropout=0.0,
-)
 WORLD = 2
 MODEL_SEED = 1234
 # Sentence indices: one step (a half per rank), and two micro-batches per rank.
@@ -68,28 +60,34 @@ def _data() -> ParallelData:
     g = torch.Generator().manual_seed(7)
     src_lens = [5, 7, 4, 6, 3, 8, 5, 6]
     tgt_lens = [4, 6, 6, 3, 4, 9, 2, 7]  # + <s> </s> <= floor(2 * (m + 1))
-    src = [torch.randint(4, CFG.vocab_size, (n,), generator=g) for n in src_lens]
-    tgt = [torch.randint(4, CFG.vocab_size, (n,), generator=g) for n in tgt_lens]
+    src = [torch.randint(4, 40, (n,), generator=g) for n in src_lens]
+    tgt = [torch.randint(4, 40, (n,), generator=g) for n in tgt_lens]
     data = ParallelData(src, tgt)
-    assert data.trainable_mask(upsample_scale=CFG.upsample_scale, max_ratio=0).all()
+    assert data.trainable_mask(
+        max_target_lens=_model().max_target_lens(data.src_lens), max_ratio=0
+    ).all()
     return data
 
 
-def _model() -> DATransformer:
-    torch.manual_seed(MODEL_SEED)
-    return DATransformer(CFG)
+def _model(arch: str = "dat") -> torch.nn.Module:
+    return make_model(arch, seed=MODEL_SEED)
 
 
-def _loss(model, core, batch) -> torch.Tensor:
-    loss, stats, _ = dat_loss(
-        model,
-        core,
-        batch,
-        ratio=0.0,
-        generator=torch.Generator().manual_seed(0),
-        autocast=contextlib.nullcontext(),
+def _step(arch: str = "dat", objective: str = "dp") -> TrainingStep:
+    """The tiny model of `arch` inside the training step `codat train` runs. CoDAT: a random
+    model shows <unk> at most vertices, so 3 tokens per vertex, untempered, for variety."""
+    glances = arch != "nat"
+    cfg = RunConfig(
+        model=make_config(arch),
+        train=TrainConfig(objective=objective, glance_start=0.5 * glances, glance_end=0.0),
+        codat=CodatConfig(samples=8, keep=0.5, temperature=1.0, top_p=1.0, top_tokens=3),
     )
-    assert stats["invalid"] == 0
+    return TrainingStep(_model(arch), cfg, contextlib.nullcontext())
+
+
+def _loss(step: torch.nn.Module, batch, *, ratio: float = 0.0, seed: int = 0) -> torch.Tensor:
+    loss, stats = step(batch, ratio, torch.Generator().manual_seed(seed))
+    assert stats.get("invalid", 0) == 0
     return loss
 
 
@@ -128,25 +126,25 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         result["all_reduce_mean"] = (mean, value)
 
         data = _data()
-        core = _model()
-        model = DistributedDataParallel(core)
+        step = _step()
+        model = DistributedDataParallel(step)
 
         # One step on this rank's half of the batch.
-        loss = _loss(model, core, data.collate(STEP_HALVES[rank]))
+        loss = _loss(model, data.collate(STEP_HALVES[rank]))
         loss.backward()
         result["step_loss"] = float(loss.detach())
-        result["step_grads"] = _grads(core)
+        result["step_grads"] = _grads(step)
 
-        # Two micro-batches, no_sync on the first (as train.train accumulates).
-        core.zero_grad(set_to_none=True)
+        # Two micro-batches, no_sync on the first (as train.Loop.update accumulates).
+        step.zero_grad(set_to_none=True)
         micro = ACCUM_MICRO[rank]
         for k, idx in enumerate(micro):
             ctx = model.no_sync() if k < len(micro) - 1 else contextlib.nullcontext()
             with ctx:
-                (_loss(model, core, data.collate(idx)) / len(micro)).backward()
+                (_loss(model, data.collate(idx)) / len(micro)).backward()
             if k == 0:
-                result["local_grads_after_no_sync"] = _grads(core)
-        result["accum_grads"] = _grads(core)
+                result["local_grads_after_no_sync"] = _grads(step)
+        result["accum_grads"] = _grads(step)
         distributed.barrier(info)
     finally:
         distributed.teardown(info)
@@ -184,10 +182,10 @@ def ddp_results(tmp_path_factory) -> list[dict]:
 def _single_process_grads(micro_batches: list[list[int]]) -> tuple[dict, list[float]]:
     """Gradient of the mean of the micro-batch losses, one process, no DDP."""
     data = _data()
-    core = _model()
-    losses = [_loss(core, core, data.collate(idx)) for idx in micro_batches]
+    step = _step()
+    losses = [_loss(step, data.collate(idx)) for idx in micro_batches]
     (sum(losses) / len(losses)).backward()
-    return _grads(core), [float(x.detach()) for x in losses]
+    return _grads(step), [float(x.detach()) for x in losses]
 
 
 def _assert_grads_close(actual: dict, expected: dict, *, atol: float) -> None:
@@ -205,9 +203,9 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(ddp_results):
     _assert_grads_close(ddp_results[0]["step_grads"], ddp_results[1]["step_grads"], atol=1e-7)
 
     # The half-mean is the loss of the concatenated batch (re-padded to its longest pair).
-    data, core = _data(), _model()
-    _loss(core, core, data.collate(STEP_HALVES[0] + STEP_HALVES[1])).backward()
-    _assert_grads_close(_grads(core), expected, atol=1e-6)
+    data, step = _data(), _step()
+    _loss(step, data.collate(STEP_HALVES[0] + STEP_HALVES[1])).backward()
+    _assert_grads_close(_grads(step), expected, atol=1e-6)
 
 
 def test_ddp_no_sync_accumulation_matches_single_process(ddp_results):
@@ -328,37 +326,32 @@ def test_torchrun_two_ranks_trains_and_writes_run_dir(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CoDAT objective under DDP. `train.training_loss` adds a sample term computed on the
-# un-glanced DAG: at glancing ratio 0 it reuses the output of the DDP forward; at ratio > 0 it
-# runs a second forward through the unwrapped `core`, whose gradient must still be all-reduced by
-# DDP in the same backward. Compared, for both ratios: each rank's gradient (2 ranks, one half of
-# the batch each, a per-half generator seed for glancing and sampling) with the single-process
-# gradient of the mean of the two half losses (same seeds), and the per-rank loss and statistics
-# with the single-process ones of that half.
+# Every model and objective under DDP. A CoDAT term is computed on the un-glanced output: at
+# glancing ratio 0 DAT reuses the trained pass, at ratio > 0 it runs a second forward; GLAT and
+# CTC score their samples in further forwards. All of them run inside the one DDP forward of
+# `TrainingStep`, so DDP must all-reduce the gradient of each. Compared per case: each rank's
+# gradient (one half of the batch each, a per-half generator seed for glancing and sampling) with
+# the single-process gradient of the mean of the two half losses (same seeds), and the per-rank
+# loss and statistics with the single-process ones of that half.
 
-CODAT_RATIOS = (0.0, 0.5)
-CODAT_SEEDS = (101, 202)  # generator seed of half 0 and of half 1 (glancing, then sampling)
-
-
-def _codat_tc(objective: str = "codat"):
-    from codat.config import TrainConfig
-
-    # A random model shows <unk> at most vertices: 3 tokens per vertex, untempered, for variety.
-    return TrainConfig(
-        objective=objective,
-        cl_samples=8,
-        cl_keep=0.5,
-        cl_temperature=1.0,
-        cl_top_p=1.0,
-        cl_top_tokens=3,
-        glance_start=0.0,
-        glance_end=0.0,
-    )
+CASES = (  # (arch, objective, glancing ratio)
+    ("dat", "dp", 0.5),
+    ("dat", "codat", 0.0),
+    ("dat", "codat", 0.5),
+    ("dat", "reward", 0.5),
+    ("glat", "codat", 0.5),
+    ("nat", "dp", 0.0),
+    ("ctc", "dp", 0.5),
+    ("ctc", "codat", 0.0),
+    ("at", "dp", 0.0),
+    ("cmlm", "dp", 0.0),
+)
+HALF_SEEDS = (101, 202)  # generator seed of half 0 and of half 1 (glancing, then sampling)
 
 
-def _codat_batch(half: int):
-    """The sources of STEP_HALVES[half], with each reference the longest of 8 samples of the
-    model (cut to fit the graph), so that the samples' sentence BLEU (the reward) varies."""
+def _case_batch(half: int):
+    """The sources of STEP_HALVES[half], with each reference the longest of 8 samples of a tiny
+    DAT (cut to fit the graph), so that the samples' sentence BLEU (the reward) varies."""
     from codat.data import PAD_ID, SPECIAL_IDS
     from codat.decode import sample_dag
 
@@ -387,32 +380,20 @@ def _codat_batch(half: int):
     return ParallelData(src, tgt).collate([0, 1])
 
 
-def _codat_loss(model, core, batch, ratio: float, half: int, objective: str = "codat"):
-    from codat.train import training_loss
-
-    return training_loss(
-        model,
-        core,
-        batch,
-        tc=_codat_tc(objective),
-        ratio=ratio,
-        generator=torch.Generator().manual_seed(CODAT_SEEDS[half]),
-        autocast=contextlib.nullcontext(),
-    )
+def _case_loss(step, case, half: int):
+    return step(_case_batch(half), case[2], torch.Generator().manual_seed(HALF_SEEDS[half]))
 
 
-def _codat_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One DDP rank (spawned): for each ratio, the codat loss, stats and gradient of its half."""
+def _cases_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One DDP rank (spawned): for each case, the loss, stats and gradient of its half."""
     info = _join(rank, world, port)
     try:
         result = {}
-        batch = _codat_batch(rank)
-        for ratio in CODAT_RATIOS:
-            core = _model()
-            model = DistributedDataParallel(core)
-            loss, stats = _codat_loss(model, core, batch, ratio, rank)
+        for case in CASES:
+            step = _step(case[0], case[1])
+            loss, stats = _case_loss(DistributedDataParallel(step), case, rank)
             loss.backward()
-            result[ratio] = (float(loss.detach()), stats, _grads(core))
+            result[case] = (float(loss.detach()), stats, _grads(step))
         distributed.barrier(info)
     finally:
         distributed.teardown(info)
@@ -420,35 +401,36 @@ def _codat_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def codat_ddp_results(tmp_path_factory) -> list[dict]:
-    return _spawn(_codat_worker, tmp_path_factory.mktemp("ddp_codat"))
+def cases_ddp_results(tmp_path_factory) -> list[dict]:
+    return _spawn(_cases_worker, tmp_path_factory.mktemp("ddp_cases"))
 
 
-@pytest.mark.parametrize("ratio", CODAT_RATIOS)
-def test_ddp_codat_objective_gradients_equal_single_process(codat_ddp_results, ratio):
-    core = _model()
-    halves = [_codat_loss(core, core, _codat_batch(h), ratio, h) for h in range(WORLD)]
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[n] - g).abs().max()) for n, g in b.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_ddp_step_gradients_equal_single_process(cases_ddp_results, case):
+    step = _step(case[0], case[1])
+    halves = [_case_loss(step, case, h) for h in range(WORLD)]
     (sum(loss for loss, _ in halves) / WORLD).backward()
-    expected = _grads(core)
-    # The sample term is live: some ranking constraint is violated, and it moves the gradient.
-    assert any(stats["cl_loss"] > 0 for _, stats in halves)
-    assert all(stats["gate_pass"] == 1.0 for _, stats in halves)
-    assert ("glanced" in halves[0][1]) == (ratio > 0)
-    dp_only = _model()  # the same glancing (same seeds), without the sample term
-    dp = [_codat_loss(dp_only, dp_only, _codat_batch(h), ratio, h, "dp")[0] for h in range(WORLD)]
-    (sum(dp) / WORLD).backward()
-    assert max(float((expected[n] - g).abs().max()) for n, g in _grads(dp_only).items()) > 1e-4
-    # Each half alone has another gradient: a rank whose gradient (of either forward) was not
+    expected = _grads(step)
+    # Each half alone has another gradient: a rank whose gradient (of any forward) was not
     # all-reduced would not match `expected`.
-    alone = _model()
-    _codat_loss(alone, alone, _codat_batch(0), ratio, 0)[0].backward()
-    assert max(float((expected[n] - g).abs().max()) for n, g in _grads(alone).items()) > 1e-4
-
-    for rank, res in enumerate(codat_ddp_results):
-        loss, stats, grads = res[ratio]
+    alone = _step(case[0], case[1])
+    _case_loss(alone, case, 0)[0].backward()
+    assert _max_diff(expected, _grads(alone)) > 1e-4
+    if case[1] != "dp":
+        # The sample term is live: it moves the gradient away from the base loss's.
+        assert all(stats["gate_pass"] == 1.0 for _, stats in halves)
+        base = _step(case[0], "dp")
+        (sum(_case_loss(base, case, h)[0] for h in range(WORLD)) / WORLD).backward()
+        assert _max_diff(expected, _grads(base)) > 1e-5
+    for rank, res in enumerate(cases_ddp_results):
+        loss, stats, grads = res[case]
         assert loss == pytest.approx(halves[rank][0].item(), abs=1e-6)
         assert stats.keys() == halves[rank][1].keys()
         for key, value in halves[rank][1].items():
             assert stats[key] == pytest.approx(value, abs=1e-6), key
         _assert_grads_close(grads, expected, atol=1e-6)
-    _assert_grads_close(codat_ddp_results[0][ratio][2], codat_ddp_results[1][ratio][2], atol=1e-7)
+    _assert_grads_close(cases_ddp_results[0][case][2], cases_ddp_results[1][case][2], atol=1e-7)

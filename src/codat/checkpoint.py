@@ -37,10 +37,23 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return MODELS[cfg.arch](cfg)
 
 
+def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+    """Accept a checkpoint directory or a run directory (then its `best` checkpoint)."""
+    path = pathlib.Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    if (path / "best" / "model.safetensors").is_file():
+        return path / "best"
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint directory nor a run directory with best/"
+    )
+
+
 def load_model(
     path: str | pathlib.Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig]:
-    """The model of a checkpoint directory, on `device` in eval mode, and its run config."""
+    """The model of a checkpoint (or run) directory, on `device` in eval mode, and its config."""
+    path = resolve_checkpoint(path)
     cfg = load_checkpoint_config(path)
     model = build_model(cfg.model)
     load_weights(path, model, device)

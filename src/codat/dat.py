@@ -67,6 +67,10 @@ class DATransformer(nn.Module):
             max_positions=self.cfg.max_graph_positions,
         )
 
+    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The longest target (<s> y </s>) a graph can hold: one vertex per token at most."""
+        return self.output_lengths(src_lens)
+
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> Encoded:
         S = src_ids.shape[1]
         src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)

@@ -74,18 +74,20 @@ class ParallelData:
         )
 
     def trainable_mask(
-        self, *, upsample_scale: float | None, max_ratio: float
+        self,
+        *,
+        max_target_lens: torch.Tensor | None = None,  # (n,) per pair, counting <s> and </s>
+        max_ratio: float,
     ) -> torch.Tensor:  # (n,) bool
-        """Pairs the DAG can learn: graph size floor(lambda * m) >= n (no such limit when
-        upsample_scale is None: models without a graph), length ratio <= max_ratio."""
-        if upsample_scale is None:
-            graph = self.tgt_lens
-        else:
-            graph = torch.floor(self.src_lens.double() * upsample_scale).long()
+        """Pairs a model can learn: non-empty, target within `max_target_lens` (a model's capacity
+        for each source, e.g. DAT's graph size; None = no limit), and content-length ratio (either
+        way) at most max_ratio (0 = no limit)."""
         src_core = (self.src_lens - 1).clamp(min=1).double()
         tgt_core = (self.tgt_lens - 2).clamp(min=1).double()
         ratio = torch.maximum(src_core / tgt_core, tgt_core / src_core)
-        ok = (graph >= self.tgt_lens) & (self.src_lens > 1) & (self.tgt_lens > 2)
+        ok = (self.src_lens > 1) & (self.tgt_lens > 2)
+        if max_target_lens is not None:
+            ok &= self.tgt_lens <= max_target_lens
         if max_ratio > 0:
             ok &= ratio <= max_ratio
         return ok
