@@ -405,6 +405,42 @@ def loop_duplicate_mask(
     return out
 
 
+def loop_dp_gate(ref_loss: list[float], alpha: float) -> list[bool]:
+    """CoDAT's alpha gate one sentence at a time: a sentence passes when the model's loss of its
+    reference is a real number (not inf, -inf or NaN) no larger than alpha."""
+    return [math.isfinite(x) and x <= alpha for x in ref_loss]
+
+
+def loop_choose_samples(
+    rewards: list[list[float]],  # [b][k]
+    duplicates: list[list[bool]],  # [b][k]
+    gate: list[bool],  # [b]
+    objective: str,
+    count: int,
+) -> list[tuple[int, list[int]]]:
+    """The samples that carry CoDAT's gradient, sentence by sentence: (b, chosen sample indices)
+    for every sentence b that passes the gate, in order of b.
+
+    codat: the distinct samples sorted by reward (best first), then the duplicates sorted by reward,
+    and the first `count` of that list (a duplicate only takes a slot no distinct sample fills).
+    reward: the first `count` samples as drawn. Both take all K when count >= K."""
+    out = []
+    for b, passes in enumerate(gate):
+        if not passes:
+            continue
+        K = len(rewards[b])
+        if objective == "reward":
+            out.append((b, list(range(min(count, K)))))
+            continue
+        distinct = [k for k in range(K) if not duplicates[b][k]]
+        repeats = [k for k in range(K) if duplicates[b][k]]
+        best_first = sorted(distinct, key=lambda k, b=b: -rewards[b][k]) + sorted(
+            repeats, key=lambda k, b=b: -rewards[b][k]
+        )
+        out.append((b, best_first[:count]))
+    return out
+
+
 def loop_uniform_copy(src_len: int, tgt_len: int) -> list[int]:
     """Gu et al. (2018) uniform copy for one sentence: decoder position t of T reads source token
     round(t * (m - 1) / (T - 1)), rounding halves up, over the m = max(src_len - 1, 1) source

@@ -1,5 +1,5 @@
 """Checkpoint averaging: the averaged weights equal the element-wise mean computed by hand, and
-`codat average` picks the run's kept best checkpoints."""
+`codat average` picks the run's kept best checkpoints (and names a directory that is no run)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from codat.checkpoint import average_checkpoints, load_weights, main_average, save_checkpoint
+from codat.checkpoint import average_checkpoints, load_weights, save_checkpoint
+from codat.cli import run
 from codat.config import ModelConfig, RunConfig
 from codat.dat import DATransformer
 
@@ -41,16 +42,17 @@ def test_average_command_uses_kept_best(tmp_path, capsys):
     spm = tmp_path / "spm.model"
     spm.write_bytes(b"x")
     cfg = RunConfig(model=_model(0).cfg)
-    run = tmp_path / "run"
+    run_dir = tmp_path / "run"
     for step in (10, 20):
-        save_checkpoint(run / "checkpoints" / f"step{step}", _model(step), cfg, spm)
+        save_checkpoint(run_dir / "checkpoints" / f"step{step}", _model(step), cfg, spm)
     state = {"step": 20, "best": [[30.0, 20, "step20"], [29.0, 10, "step10"]]}
-    save_checkpoint(run / "last", _model(20), cfg, spm, state=state)
-    assert main_average([str(run)]) == 0
+    save_checkpoint(run_dir / "last", _model(20), cfg, spm, state=state)
+    assert run(["average", str(run_dir)]) == 0
     assert "averaged 2 checkpoints" in capsys.readouterr().out
-    assert json.loads((run / "averaged" / "averaged_from.json").read_text())[0].endswith("step20")
+    sources = json.loads((run_dir / "averaged" / "averaged_from.json").read_text())
+    assert sources[0].endswith("step20") and sources[1].endswith("step10")
 
 
 def test_average_rejects_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="trainer_state.json"):
-        main_average([str(tmp_path)])
+        run(["average", str(tmp_path)])

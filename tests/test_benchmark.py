@@ -1,4 +1,6 @@
-"""Correctness of `codat.benchmark` (no timing assertions: timings are only checked to exist)."""
+"""Correctness of `codat.benchmark` (the dense DP reference and its inputs agree with the fast DP
+and the path enumeration) and of `codat.speed`'s bookkeeping (turn-taking, ratios, the settings
+of every arch); no timing assertions: timings are only checked to exist."""
 
 import json
 import math
@@ -9,12 +11,15 @@ from reference import brute_force_log_likelihood, random_dag
 
 from codat.benchmark import (
     format_dag_report,
-    main_dag,
     make_dag_inputs,
     naive_dag_log_likelihood,
     run_dag_benchmark,
 )
+from codat.cli import run
+from codat.config import ARCHS
 from codat.dag import dag_log_likelihood
+from codat.generate import DECODERS
+from codat.speed import format_decode_report, run_decode_benchmark, speed_settings
 
 
 def _value_and_grads(fn, token_logp, trans_logp, graph_lens, target_lens):
@@ -115,9 +120,46 @@ def test_main_dag_prints_report_and_writes_json(tmp_path, capsys):
     path = tmp_path / "dag.json"
     argv = ["--batch-size", "2", "--target-len", "3", "--graph-len", "8", "--repeats", "1"]
     argv += ["--warmup", "0", "--json", str(path)]
-    assert main_dag(argv) == 0
+    assert run(["benchmark", "dag", *argv]) == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "forward+backward" in printed
     saved = json.loads(path.read_text())
     assert saved["graph_len"] == 8 and saved["repeats"] == 1
     assert saved["max_abs_diff_value"] <= 1e-4
+
+
+def test_run_decode_benchmark_takes_turns_and_reports_ratios():
+    calls: list[tuple[str, str]] = []
+    jobs = {name: (lambda s, name=name: calls.append((name, s))) for name in ("a", "b")}
+    result = run_decode_benchmark(jobs, ["x", "y"], repeats=2, warmup=1)
+    # Warm-up: each job on the first sentence; then pass 1 in order a, b and pass 2 in b, a.
+    assert calls == [("a", "x"), ("b", "x")] + [
+        (n, s) for n in ("a", "b", "b", "a") for s in ("x", "y")
+    ]
+    assert result["relative_to"] == "a" and result["sentences"] == 2 and result["repeats"] == 2
+    assert result["ratio"]["a"] == 1.0 and result["speedup"]["a"] == 1.0
+    ms = result["ms_per_sentence"]
+    assert result["speedup"]["b"] == pytest.approx(ms["a"] / ms["b"])
+    assert all(len(v) == 2 for v in result["per_pass_ms"].values())
+    report = format_decode_report(result, {"a": "decoder=a", "b": "decoder=b"}, speedup=True)
+    assert "speed-up" in report and "decoder=b" in report
+    assert "vs a" in format_decode_report(result, {"a": "", "b": ""})
+    with pytest.raises(ValueError, match="repeats"):
+        run_decode_benchmark(jobs, [], repeats=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_speed_settings_use_decoders_of_the_arch(arch):
+    settings = speed_settings(arch, samples=16, iterations=[1, 4])
+    assert settings
+    for fields in settings.values():
+        assert fields["decoder"] in DECODERS[arch]
+    if arch == "dat":
+        assert settings["sample-16"] == {"decoder": "sample", "samples": 16}
+    if arch == "cmlm":
+        assert list(settings) == ["iter-1", "iter-4"]
+
+
+def test_speed_settings_reject_an_unknown_arch():
+    with pytest.raises(ValueError, match="model.arch=rnn"):
+        speed_settings("rnn", samples=2, iterations=[1])

@@ -1,10 +1,14 @@
-"""End to end through the CLI: prepare -> train -> generate -> score, on a few hundred real
-Multi30k lines (read from ../shared/data at test time, never stored in the repo) or, when that
-directory is absent, on a synthetic copy task. Checks the loss falls, outputs line up, BLEU prints,
-and --resume continues the step counter."""
+"""The command line (`codat.cli`). End to end: prepare -> train -> generate -> score, on a few
+hundred real Multi30k lines (read from ../shared/data at test time, never stored in the repo) or,
+when that directory is absent, on a synthetic copy task; checks the loss falls, outputs line up,
+BLEU prints, and --resume continues the step counter. Parser: --help / --version / unknown verbs
+exit as documented; one decoding flag per `DecodeConfig` field, each with help, mapped onto the
+run's settings with only the flags given; the renamed --beta exits naming its replacements."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -12,7 +16,10 @@ import random
 
 import pytest
 
-from codat.cli import main
+from codat import __version__
+from codat.cli import DECODE_HELP, build_parser, flag_name, main, run
+from codat.commands import decode_config
+from codat.config import DecodeConfig
 
 MULTI30K = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
@@ -155,3 +162,123 @@ def test_train_rejects_unknown_config_key(tmp_path, capsys):
         main(["train", str(cfg)])
     assert e.value.code == 1
     assert "model.dimm" in capsys.readouterr().err
+
+
+def _exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_help_prints_every_verb_to_stdout_and_exits_zero(capsys):
+    for flag in ("--help", "-h"):
+        assert _exit([flag]) == 0
+        out = capsys.readouterr().out
+        for verb in ("prepare", "train", "generate", "distill", "average", "score"):
+            assert verb in out
+        for verb in ("tune-beta", "analyze", "plot", "benchmark"):
+            assert verb in out
+
+
+def test_version_prints_the_package_version(capsys):
+    assert _exit(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"codat {__version__}"
+
+
+def test_unknown_or_missing_verb_exits_two_with_an_error_line(capsys):
+    assert _exit(["translate"]) == 2
+    captured = capsys.readouterr()
+    assert "invalid choice: 'translate'" in captured.err and captured.out == ""
+    assert _exit([]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_benchmark_help_and_its_kinds(capsys):
+    assert _exit(["benchmark", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "dag" in out and "decode" in out and "speed" in out
+    assert _exit(["benchmark"]) == 2
+    for kind in ("dag", "decode", "speed"):
+        assert _exit(["benchmark", kind, "--help"]) == 0
+    assert "--rerank-token-weight" in capsys.readouterr().out  # benchmark decode's sample flags
+
+
+def test_every_decode_config_field_has_a_flag_with_help(capsys):
+    names = [f.name for f in dataclasses.fields(DecodeConfig)]
+    assert sorted(DECODE_HELP) == sorted(names)
+    assert flag_name("top_p") == "--top-p"
+    for verb in ("generate", "distill", "analyze", "tune-beta"):
+        assert _exit([verb, "--help"]) == 0
+        out = capsys.readouterr().out
+        for name in names:
+            assert flag_name(name) in out, (verb, name)
+
+
+def test_decode_flags_replace_only_the_given_fields():
+    parser = build_parser()
+    a = parser.parse_args(
+        ["generate", "RUN", "--decoder", "sample", "--rerank-token-weight", "0.3", "--samples", "8"]
+    )
+    base = DecodeConfig(temperature=0.2, samples=64, lookahead_token_weight=0.9)
+    dc = decode_config(base, a)
+    assert dc == dataclasses.replace(base, decoder="sample", rerank_token_weight=0.3, samples=8)
+    a = parser.parse_args(["generate", "RUN", "--lookahead-token-weight", "0.5", "--top-p", "0.9"])
+    dc = decode_config(base, a)
+    assert dc == dataclasses.replace(base, lookahead_token_weight=0.5, top_p=0.9)
+    assert decode_config(base, parser.parse_args(["generate", "RUN"])) == base
+    a = parser.parse_args(["analyze", "RUN", "--data-dir", "D", "--viterbi-length-exponent", "2"])
+    assert decode_config(base, a).viterbi_length_exponent == 2.0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "RUN", "--beta", "0.5"],
+        ["analyze", "RUN", "--data-dir", "D", "--beta", "0.5"],
+        ["benchmark", "decode", "RUN", "-i", "x", "--beta", "0.5"],
+        ["tune-beta", "RUN", "--data-dir", "D", "--beta"],
+    ],
+)
+def test_the_renamed_beta_flag_names_the_new_flags(argv, capsys):
+    assert _exit(argv) == 2
+    err = capsys.readouterr().err
+    assert "--beta was renamed" in err
+    assert "--lookahead-token-weight" in err and "--rerank-token-weight" in err
+
+
+def test_tune_beta_keeps_its_candidates_flag():
+    a = build_parser().parse_args(["tune-beta", "RUN", "--data-dir", "D", "--betas", "0.1,0.9"])
+    assert a.betas == "0.1,0.9"
+    a = build_parser().parse_args(["tune-beta", "RUN", "--data-dir", "D"])
+    assert a.betas == "0.3,0.5,0.7" and a.split == "val"
+    a = build_parser().parse_args(
+        ["tune-beta", "RUN", "--data-dir", "D", "--rerank-token-weights", "0.2"]
+    )
+    assert a.betas == "0.2"
+
+
+def test_train_keeps_config_overrides_and_resume():
+    a = build_parser().parse_args(["train", "c.yaml", "train.lr=1e-3", "model.dim=8", "--resume"])
+    assert (a.config, a.overrides, a.resume) == ("c.yaml", ["train.lr=1e-3", "model.dim=8"], True)
+    assert isinstance(a, argparse.Namespace)
+
+
+def test_errors_of_a_verb_exit_one_naming_the_verb(tmp_path, capsys):
+    assert _exit(["score", str(tmp_path / "missing.txt"), str(tmp_path / "ref.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("codat score: error:") and "missing.txt" in err
+    with pytest.raises(FileNotFoundError):
+        run(["score", str(tmp_path / "missing.txt"), str(tmp_path / "ref.txt")])
+    assert _exit(["benchmark", "speed", "nolabel", "-i", "x"]) == 1
+    assert capsys.readouterr().err.startswith("codat benchmark speed: error:")
+
+
+def test_score_prints_bleu_and_signature(tmp_path, capsys):
+    (tmp_path / "h.txt").write_text("a man rides a bike .\nthe dog runs\n")
+    (tmp_path / "r.txt").write_text("a man rides a bike .\nthe dog runs\n")
+    assert _exit(["score", str(tmp_path / "h.txt"), str(tmp_path / "r.txt")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("BLEU = 100.00") and "signature: nrefs:1" in out
+    (tmp_path / "short.txt").write_text("one line\n")
+    assert _exit(["score", str(tmp_path / "short.txt"), str(tmp_path / "r.txt")]) == 1
+    assert "has 1 lines" in capsys.readouterr().err

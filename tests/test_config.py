@@ -294,6 +294,6 @@ def test_codat_section_validates_and_resolves_gate():
     assert CodatConfig(samples=128, keep=0.25).kept == 32
     assert CodatConfig().gate() == math.inf
     assert CodatConfig(alpha=1.5).gate() == 1.5
-    for bad in ({"samples": 1}, {"keep": 0.0}, {"temperature": 0.0}, {"top_p": 1.5}):
+    for bad in ({"samples": 1}, {"keep": 0.0}, {"temperature": -1.0}, {"top_p": 1.5}):
         with pytest.raises(ValueError, match="codat"):
             CodatConfig(**bad)

@@ -5,7 +5,9 @@ the samples of each sentence, ranks best-first by reward, stable on ties) on ran
 masks, duplicate rewards, a tie tolerance and -inf scores, in value and in gradient (central finite
 differences of the loop; the loss is piecewise linear, so they are exact away from kinks); the
 sign convention on hand-computed two-sample cases; `reinforce_loss` with
--mean((R - b) * log q) over the participating samples, its gradient sign and -inf handling.
+-mean((R - b) * log q) over the participating samples, its gradient sign and -inf handling;
+`sample_loss` (the objective's switch) with the loop over the distinct samples (codat) and with
+`reinforce_loss` over all chosen samples (reward).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 from reference import loop_contrastive_loss
 
-from codat.objectives import contrastive_loss, reinforce_loss
+from codat.objectives import contrastive_loss, reinforce_loss, sample_loss
 
 NEG_INF = float("-inf")
 
@@ -206,3 +208,27 @@ def test_reinforce_loss_passes_no_gradient_to_rewards_and_is_zero_when_all_maske
     assert g_r is None or (g_r == 0).all()
     none = reinforce_loss(log_q, rewards, rewards.mean(1), mask=torch.zeros(1, 2, dtype=torch.bool))
     assert none.item() == 0.0 and not torch.isnan(none)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_loss: the objective's loss on the chosen samples
+
+
+def test_sample_loss_is_the_ranking_loss_over_distinct_samples_or_reinforce():
+    g = torch.Generator().manual_seed(1)
+    scores = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 3
+    rewards = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    distinct = torch.rand(3, 5, generator=g) < 0.7
+    baseline = torch.rand(3, generator=g, dtype=torch.float64)
+    codat = sample_loss(
+        scores, rewards, distinct, baseline, objective="codat", margin=0.2, tie=0.01
+    )
+    want = loop_contrastive_loss(scores.tolist(), rewards.tolist(), 0.2, distinct.tolist(), 0.01)
+    assert float(codat) == pytest.approx(want, rel=1e-12)
+    # REINFORCE takes every chosen sample: the first R of i.i.d. draws, duplicates included.
+    reward = sample_loss(
+        scores, rewards, distinct, baseline, objective="reward", margin=0.2, tie=0.01
+    )
+    assert float(reward) == pytest.approx(float(reinforce_loss(scores, rewards, baseline)))
+    with pytest.raises(ValueError, match="objective"):
+        sample_loss(scores, rewards, distinct, baseline, objective="dp", margin=0.2, tie=0.01)

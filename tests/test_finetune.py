@@ -1,23 +1,27 @@
-"""CoDAT fine-tuning (method.md §9): the sample term, its α gate and sample choice, the LR
-schedule and config checks, and the fine-tuning CLI end to end.
+"""CoDAT fine-tuning (method.md §9): the sample term `dat_train.codat_term`, its alpha gate and
+sample choice, `dat_step` with objective codat / reward, the LR schedule and config checks, and
+the fine-tuning CLI end to end.
 
-Compared: `duplicate_mask` with `loop_duplicate_mask` (tests/reference.py) on random samples with
-junk beyond their lengths; `sample_terms` on a tiny random DATransformer whose references are its
-own longest samples (so sentence BLEU spreads from 0 to 100): a finite loss whose gradient reaches
-the parameters and its statistics, the α gate (no sentence passes: exactly 0; one passes: the
-loss and gradient of that sentence's own contrastive loss times 1/B), the REINFORCE term on the
-first R samples against the mean reward of all K; the kept samples on crafted samples and rewards
-(best distinct first, duplicates only when no distinct one is left, and then masked);
-`SampleSettings.kept`; the constant LR schedule by hand; config errors naming the key. End to
-end through `codat.cli.main` on a synthetic copy task: train a DAT, fine-tune it with `codat`,
-`reward` and `dp` (init_from), then generate with the sample decoder, tune-beta, analyze (NCM
-recomputed directly), plot and benchmark decode; `Validation.sample_stats` at temperature 0 with
-the per-sentence mean of the argmax walk's sentence BLEU; --resume of a fine-tuning run keeps its
-automatic cl_alpha.
+Compared: `codat_term` on a tiny random DATransformer whose references are its own longest samples
+(so sentence BLEU spreads from 0 to 100): a finite loss whose gradient reaches the parameters and
+its statistics; the alpha gate (no sentence passes: exactly 0; one passes: the loss and gradient
+of that sentence's own contrastive loss times 1/B, recomputed step by step from the pure functions
+sample_dag -> sentence_bleu -> duplicate_mask -> choose_samples -> samples_log_q ->
+contrastive_loss); `reference_loss` with -log P(Y|X) / N_b; the REINFORCE term with
+`reinforce_loss` of the first R samples against the mean reward of all K; `dat_step` with
+objective codat / reward with its DP loss plus codat.weight times `codat_term` on the un-glanced
+DAG (pass 2's output reused when nothing is glanced, one more forward without glanced inputs
+otherwise); the constant LR schedule by hand and the inverse-sqrt one by its formula; config errors
+naming the key. End to end through `codat.cli.main` on a synthetic copy task: train a DAT,
+fine-tune it with `codat`, `reward` and `dp` (init_from), then generate with the sample decoder,
+tune-beta, analyze (NCM recomputed directly), plot and benchmark decode;
+`Validation.sample_stats` at temperature 0 with the per-sentence mean of the argmax walk's
+sentence BLEU; --resume of a fine-tuning run keeps its automatic codat.alpha.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -25,119 +29,113 @@ import pathlib
 import pytest
 import torch
 import yaml
+from conftest import make_config, make_model
 from corpus import prepare_copy_task, run_cli
-from reference import loop_duplicate_mask
 from safetensors.torch import load_file
 
-import codat.contrastive as contrastive
-from codat.config import ModelConfig, TrainConfig, config_from_dict
-from codat.contrastive import SampleSettings, duplicate_mask, reference_dp_loss, sample_terms
+from codat.checkpoint import load_model
+from codat.config import CodatConfig, RunConfig, TrainConfig, config_from_dict
 from codat.dag import dag_log_likelihood
-from codat.dat import DATransformer
+from codat.dat_train import codat_term, dat_step, glance_inputs, reference_loss
 from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, ParallelData
-from codat.decode import DagSamples, sample_dag
-from codat.objectives import contrastive_loss, gather_token_logp
-from codat.train import inverse_sqrt_lr, learning_rate
-
-# ---------------------------------------------------------------------------------------------
-# duplicate_mask
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_duplicate_mask_matches_loop_with_junk_beyond_lengths(seed):
-    g = torch.Generator().manual_seed(seed)
-    B, K, T = 3, 9, 4
-    lengths = torch.randint(0, T + 1, (B, K), generator=g)
-    # Few symbols and short lengths: many duplicates. Junk (pad included) after each length.
-    tokens = torch.randint(4, 6, (B, K, T), generator=g)
-    junk = torch.randint(0, 10, (B, K, T), generator=g)
-    tokens = torch.where(torch.arange(T) < lengths.unsqueeze(-1), tokens, junk)
-    got = duplicate_mask(tokens, lengths)
-    expected = loop_duplicate_mask(tokens.tolist(), lengths.tolist())
-    assert got.dtype == torch.bool
-    assert got.tolist() == expected
-    assert 0 < sum(map(sum, expected)) < B * K  # both kinds occur
-
-
-def test_duplicate_mask_hand_case():
-    tokens = torch.tensor([[[5, 6, 0], [5, 6, 7], [5, 6, 9], [8, 8, 8], [9, 9, 9], [5, 6, 1]]])
-    lengths = torch.tensor([[2, 3, 2, 0, 0, 2]])
-    # [5 6] / [5 6 7] / [5 6] again / empty / empty again / [5 6] again
-    assert duplicate_mask(tokens, lengths).tolist() == [[False, False, True, False, True, True]]
-
-
-# ---------------------------------------------------------------------------------------------
-# sample_terms on a tiny random model
-
-CFG = ModelConfig(
-    vocab_size=20,
-    dim=32,
-    heads=2,
-    ffn_dim=64,
-    encoder_layers=1,
-    decoder_layers=1,
-    upsample_scale=3.0,
-    dropout=0.0,
+from codat.decode import sample_dag
+from codat.objectives import (
+    contrastive_loss,
+    dag_nll,
+    gather_token_logp,
+    log_softmax_fp32,
+    reinforce_loss,
+    sample_targets,
+    samples_log_q,
 )
+from codat.rewards import sentence_bleu
+from codat.selection import choose_samples, duplicate_mask
+
+# ---------------------------------------------------------------------------------------------
+# codat_term on a tiny random model
+
+ARCH = {"vocab_size": 20, "heads": 2, "upsample_scale": 3.0}
 SRC_LENS = (4, 6, 3)
 # A random model shows <unk> at almost every vertex: sample 3 tokens per vertex, untempered.
 LOOSE = {"samples": 8, "temperature": 1.0, "top_p": 1.0, "top_tokens": 3}
-SEED = 2  # the sampling seed of the references and of `sample_terms`
+SEED = 2  # the sampling seed of the references and of `codat_term`
+NULL = contextlib.nullcontext()
+SAMPLE_STATS = ("gate_pass", "distinct", "sample_bleu", "oracle_bleu")
 
 
-def _model() -> DATransformer:
-    torch.manual_seed(11)
-    return DATransformer(CFG)
+def _model() -> torch.nn.Module:
+    return make_model("dat", seed=11, **ARCH)
+
+
+def _draw(model, batch, *, codat: CodatConfig, seed: int):
+    """What codat_term draws: K samples of the un-glanced DAG with generator `seed`."""
+    out = model(batch.src_ids, batch.src_lens)
+    token_logp_vocab = log_softmax_fp32(out.token_logits)
+    samples = sample_dag(
+        token_logp_vocab.detach(),
+        out.trans_logp.detach(),
+        out.graph_lens,
+        num_samples=codat.samples,
+        temperature=codat.temperature,
+        top_p=codat.top_p,
+        top_tokens=codat.top_tokens,
+        generator=torch.Generator().manual_seed(seed),
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+    )
+    return out, token_logp_vocab, samples
 
 
 def _batch(seed: int = SEED):
     """The 3 sources, with as references each sentence's longest sample under generator `seed`
-    (the model's output does not depend on the targets, so `sample_terms` with that seed draws
+    (the model's output does not depend on the targets, so `codat_term` with that seed draws
     the same samples: one of them matches exactly, the others partially or not at all)."""
     g = torch.Generator().manual_seed(3)
-    src = [torch.randint(4, CFG.vocab_size, (n,), generator=g) for n in SRC_LENS]
+    src = [torch.randint(4, ARCH["vocab_size"], (n,), generator=g) for n in SRC_LENS]
     dummy = ParallelData(src, [torch.tensor([4])] * len(src)).collate(list(range(len(src))))
     with torch.no_grad():
-        out = _model()(dummy.src_ids, dummy.src_lens)
-        s = sample_dag(
-            torch.log_softmax(out.token_logits.float(), -1),
-            out.trans_logp,
-            out.graph_lens,
-            num_samples=LOOSE["samples"],
-            temperature=LOOSE["temperature"],
-            top_p=LOOSE["top_p"],
-            top_tokens=LOOSE["top_tokens"],
-            generator=torch.Generator().manual_seed(seed),
-            special_ids=SPECIAL_IDS,
-            pad_id=PAD_ID,
-        )
+        _, _, s = _draw(_model(), dummy, codat=CodatConfig(**LOOSE), seed=seed)
     longest = s.lengths.argmax(1)
     tgt = [s.tokens[b, k, : s.lengths[b, k]] for b, k in enumerate(longest.tolist())]
     assert all(len(t) >= 2 for t in tgt)
     return ParallelData(src, tgt).collate(list(range(len(src))))
 
 
-def _terms(model, batch, *, seed: int = SEED, **settings):
+def _terms(model, batch, *, seed=SEED, objective="codat", alpha=math.inf, **settings):
     out = model(batch.src_ids, batch.src_lens)
-    s = SampleSettings(**{"objective": "codat", **LOOSE, **settings})
-    return sample_terms(out, batch, s, torch.Generator().manual_seed(seed))
+    return codat_term(
+        out,
+        batch,
+        objective=objective,
+        codat=CodatConfig(**{**LOOSE, **settings}),
+        alpha=alpha,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _stepwise(model, batch, *, objective: str, count: int, seed: int = SEED, **settings):
+    """codat_term's steps, every sentence through the gate, from the pure functions: sample ->
+    reward -> select -> score. Returns the scores (with grad) and the ChosenSamples, and the
+    (B, K) rewards of all samples."""
+    out, token_logp_vocab, s = _draw(
+        model, batch, codat=CodatConfig(**{**LOOSE, **settings}), seed=seed
+    )
+    ref_ids, ref_lens = batch.tgt_ids[:, 1:], batch.tgt_lens - 2
+    rewards = sentence_bleu(s.tokens, s.lengths, ref_ids, ref_lens).float() / 100
+    duplicates = duplicate_mask(s.tokens, s.lengths, pad_id=PAD_ID)
+    every = torch.ones(len(rewards), dtype=torch.bool)
+    chosen = choose_samples(
+        s.tokens, s.lengths, rewards, duplicates, every, objective=objective, count=count
+    )
+    targets, target_lens = sample_targets(
+        chosen.tokens, chosen.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+    )
+    scores = samples_log_q(token_logp_vocab, out.trans_logp, out.graph_lens, targets, target_lens)
+    return scores, chosen, rewards
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _capture(monkeypatch, name: str) -> list:
-    """Wrap codat.contrastive.<name>, recording (args, kwargs, result) of every call."""
-    calls, original = [], getattr(contrastive, name)
-
-    def wrapper(*args, **kwargs):
-        result = original(*args, **kwargs)
-        calls.append((args, kwargs, result))
-        return result
-
-    monkeypatch.setattr(contrastive, name, wrapper)
-    return calls
 
 
 def test_codat_term_is_finite_with_gradient_and_statistics():
@@ -145,7 +143,8 @@ def test_codat_term_is_finite_with_gradient_and_statistics():
     loss, stats = _terms(model, batch)
     assert loss.shape == () and torch.isfinite(loss) and loss.requires_grad
     assert loss.item() > 0  # some constraint is violated by the random model
-    assert set(stats) == {"gate_pass", "distinct", "sample_bleu", "oracle_bleu", "cl_loss"}
+    assert set(stats) == {*SAMPLE_STATS, "cl_loss"}
+    assert all(type(v) is float for v in stats.values())
     assert stats["gate_pass"] == 1.0  # alpha = inf
     assert stats["cl_loss"] == pytest.approx(loss.item(), abs=1e-7)  # all pass: scale 1
     assert stats["oracle_bleu"] == pytest.approx(100.0, abs=1e-6)  # the reference is a sample
@@ -170,11 +169,11 @@ def test_no_sentence_below_alpha_gives_exactly_zero():
     (dp + loss).backward()
 
 
-def test_alpha_gate_keeps_only_the_sentences_at_or_below_it(monkeypatch):
+def test_alpha_gate_keeps_only_the_sentences_at_or_below_it():
     model, batch = _model(), _batch()
     with torch.no_grad():
         out = model(batch.src_ids, batch.src_lens)
-        per = reference_dp_loss(torch.log_softmax(out.token_logits.float(), -1), out, batch)
+        per = reference_loss(log_softmax_fp32(out.token_logits), out, batch)
     # The reference definition: -log P(Y|X) / N_b on the un-glanced DAG.
     tok = gather_token_logp(out.token_logits, batch.tgt_ids)
     ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, batch.tgt_lens)
@@ -184,16 +183,15 @@ def test_alpha_gate_keeps_only_the_sentences_at_or_below_it(monkeypatch):
     row = int(per.argmin())
     alpha = (low + second) / 2
 
-    calls = _capture(monkeypatch, "contrastive_loss")
-    _terms(model, batch)  # alpha = inf: every sentence, for reference
-    (scores, rewards), kw, _ = calls.pop()
-    assert scores.shape[0] == len(per)
+    codat = CodatConfig(**LOOSE)
+    scores, chosen, _ = _stepwise(model, batch, objective="codat", count=codat.kept)
+    assert scores.shape == (len(per), codat.kept)
     own = contrastive_loss(  # that sentence's own ranking loss, with grad
         scores[row : row + 1],
-        rewards[row : row + 1],
-        margin=kw["margin"],
-        mask=kw["mask"][row : row + 1],
-        tie=kw["tie"],
+        chosen.rewards[row : row + 1],
+        margin=codat.margin,
+        mask=chosen.distinct[row : row + 1],
+        tie=codat.tie,
     )
     assert own.item() > 0
     (own / len(per)).backward()
@@ -202,12 +200,7 @@ def test_alpha_gate_keeps_only_the_sentences_at_or_below_it(monkeypatch):
     model.zero_grad()
     loss, stats = _terms(model, batch, alpha=alpha)
     assert stats["gate_pass"] == pytest.approx(1 / len(per))
-    (g_scores, g_rewards), g_kw, g_loss = calls.pop()
-    assert g_scores.shape[0] == 1  # only the passing sentence reached the ranking loss
-    torch.testing.assert_close(g_scores.detach(), scores[row : row + 1].detach())
-    assert torch.equal(g_rewards, rewards[row : row + 1])
-    assert torch.equal(g_kw["mask"], kw["mask"][row : row + 1])
-    assert g_loss.item() == pytest.approx(own.item(), rel=1e-6)
+    assert stats["cl_loss"] == pytest.approx(own.item(), rel=1e-6)
     assert loss.item() == pytest.approx(own.item() / len(per), rel=1e-6)
     loss.backward()
     gated = _grads(model)
@@ -216,104 +209,134 @@ def test_alpha_gate_keeps_only_the_sentences_at_or_below_it(monkeypatch):
         torch.testing.assert_close(gated[name], reference[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_reward_term_uses_the_first_r_samples_against_the_mean_of_all(monkeypatch):
+def test_codat_term_equals_the_stepwise_ranking_loss_of_all_sentences():
     model, batch = _model(), _batch()
-    bleu = _capture(monkeypatch, "sentence_bleu")
-    reinforce = _capture(monkeypatch, "reinforce_loss")
+    codat = CodatConfig(**LOOSE, keep=0.5)
+    scores, chosen, _ = _stepwise(model, batch, objective="codat", count=codat.kept)
+    want = contrastive_loss(
+        scores, chosen.rewards, margin=codat.margin, mask=chosen.distinct, tie=codat.tie
+    )
+    loss, _ = _terms(model, batch, keep=0.5)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_reward_term_uses_the_first_r_samples_against_the_mean_of_all():
+    model, batch = _model(), _batch()
     loss, stats = _terms(model, batch, objective="reward", reward_samples=4)
     assert loss.shape == () and torch.isfinite(loss) and loss.requires_grad
     assert "reward_loss" in stats and "cl_loss" not in stats
     assert stats["reward_loss"] == pytest.approx(loss.item(), abs=1e-7)
-    rewards = bleu[0][2].float() / 100  # (B, K) of all samples
-    (log_q, picked, baseline), _, _ = reinforce[0]
-    assert log_q.shape == (len(SRC_LENS), 4) and torch.isfinite(log_q).all()
-    assert torch.equal(picked, rewards[:, :4])
-    torch.testing.assert_close(baseline, rewards.mean(1))
     loss.backward()
-    assert _grads(model)["link_query.weight"].abs().sum() > 0
+    got = _grads(model)
+    assert got["link_query.weight"].abs().sum() > 0
+
+    # The first R = 4 of the K samples, as drawn, against the mean reward of all K.
+    model.zero_grad()
+    out, token_logp_vocab, s = _draw(model, batch, codat=CodatConfig(**LOOSE), seed=SEED)
+    rewards = sentence_bleu(s.tokens, s.lengths, batch.tgt_ids[:, 1:], batch.tgt_lens - 2)
+    rewards = rewards.float() / 100
+    targets, target_lens = sample_targets(
+        s.tokens[:, :4], s.lengths[:, :4], bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+    )
+    log_q = samples_log_q(token_logp_vocab, out.trans_logp, out.graph_lens, targets, target_lens)
+    assert log_q.shape == (len(SRC_LENS), 4) and torch.isfinite(log_q).all()
+    want = reinforce_loss(log_q, rewards[:, :4], rewards.mean(1))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
+    want.backward()
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_kept_count():
-    assert SampleSettings("codat", samples=8, keep=0.25).kept == 2
-    assert SampleSettings("codat", samples=8, keep=0.3).kept == 3  # ceil
-    assert SampleSettings("codat", samples=128, keep=0.25).kept == 32
-    assert SampleSettings("codat", samples=8, keep=1e-6).kept == 2  # at least a pair
-    assert SampleSettings("codat", samples=2, keep=1.0).kept == 2
-    for bad in ({"samples": 1}, {"keep": 0.0}, {"keep": 1.5}, {"objective": "dp"}):
-        with pytest.raises(ValueError):
-            SampleSettings(**{"objective": "codat", **bad})
+def test_codat_term_rejects_an_objective_without_sample_term():
+    model, batch = _model(), _batch()
+    with pytest.raises(ValueError, match="train.objective"):
+        _terms(model, batch, objective="dp")
 
 
-# Crafted samples of one sentence (ids after each length are junk) and their rewards.
-CRAFTED = [
-    ([5, 6, 0, 0], 2, 0.9),
-    ([5, 6, 9, 9], 2, 0.9),  # duplicate of 0 (junk after the length)
-    ([7, 0, 0, 0], 1, 0.5),
-    ([5, 6, 0, 0], 2, 0.9),  # duplicate of 0
-    ([8, 9, 0, 0], 2, 0.1),
-    ([10, 0, 0, 0], 1, 0.3),
-    ([7, 0, 0, 0], 1, 0.5),  # duplicate of 2
-    ([11, 12, 13, 0], 3, 0.2),
-]
+# ---------------------------------------------------------------------------------------------
+# dat_step with objective codat / reward
 
 
-def _chosen(monkeypatch, keep: float) -> list[tuple[tuple[int, ...], float, bool]]:
-    """(sample, reward, mask) of each sample that reached the ranking loss, by reward."""
-    K = len(CRAFTED)
-    tokens = torch.tensor([[t for t, _, _ in CRAFTED]])
-    lengths = torch.tensor([[n for _, n, _ in CRAFTED]])
-    rewards = torch.tensor([[r for _, _, r in CRAFTED]], dtype=torch.float64)
+class _Inputs:
+    """Forward hooks that record the positional inputs of every call of a module."""
 
-    def fake_sample_dag(*args, num_samples, **kwargs):
-        assert num_samples == K
-        zeros = torch.zeros(1, K)
-        return DagSamples(tokens, lengths, zeros.long(), zeros.long(), zeros, zeros)
-
-    monkeypatch.setattr(contrastive, "sample_dag", fake_sample_dag)
-    monkeypatch.setattr(contrastive, "sentence_bleu", lambda *a: rewards * 100)
-    log_q = _capture(monkeypatch, "samples_log_q")
-    ranked = _capture(monkeypatch, "contrastive_loss")
-    g = torch.Generator().manual_seed(3)
-    src = [torch.randint(4, CFG.vocab_size, (4,), generator=g)]
-    batch = ParallelData(src, [torch.tensor([5, 6])]).collate([0])
-    loss, _ = _terms(_model(), batch, keep=keep, samples=K)
-    assert torch.isfinite(loss)
-    targets, target_lens = log_q[0][0][3], log_q[0][0][4]
-    (_, picked), kw, _ = ranked[0]
-    out = []
-    for k in range(targets.shape[1]):
-        n = int(target_lens[0, k])
-        seq = targets[0, k, :n].tolist()
-        assert seq[0] == BOS_ID and seq[-1] == EOS_ID
-        assert (targets[0, k, n:] == PAD_ID).all()
-        out.append((tuple(seq[1:-1]), round(float(picked[0, k]), 6), bool(kw["mask"][0, k])))
-    return sorted(out, key=lambda x: (-x[1], not x[2]))
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = []
+        self.handle = module.register_forward_hook(lambda m, i, o: self.calls.append(i))
 
 
-def test_kept_samples_are_the_best_distinct_ones(monkeypatch):
-    assert _chosen(monkeypatch, 0.25) == [((5, 6), 0.9, True), ((7,), 0.5, True)]
-    assert _chosen(monkeypatch, 0.5) == [
-        ((5, 6), 0.9, True),
-        ((7,), 0.5, True),
-        ((10,), 0.3, True),
-        ((11, 12, 13), 0.2, True),
-    ]
+@pytest.mark.parametrize("objective", ["codat", "reward"])
+def test_dat_step_adds_the_weighted_term_reusing_the_unglanced_pass(objective):
+    """Nothing glanced (ratio 0): one forward, whose output both the DP loss and the term use."""
+    model, batch = _model(), _batch()
+    cfg = RunConfig(
+        model=make_config("dat", **ARCH),
+        train=TrainConfig(objective=objective),
+        codat=CodatConfig(**LOOSE, weight=0.5, reward_samples=4),
+    )
+    rec = _Inputs(model)
+    loss, stats = dat_step(
+        model,
+        batch,
+        cfg=cfg,
+        ratio=0.0,
+        generator=torch.Generator().manual_seed(SEED),
+        autocast=NULL,
+    )
+    rec.handle.remove()
+    assert len(rec.calls) == 1
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    assert set(stats) == {
+        "invalid",
+        "dp_loss",
+        "gate_pass",
+        "distinct",
+        "sample_bleu",
+        "oracle_bleu",
+        key,
+    }
+    out = model(batch.src_ids, batch.src_lens)
+    dp, _, _ = dag_nll(
+        gather_token_logp(out.token_logits, batch.tgt_ids),
+        out.trans_logp,
+        out.graph_lens,
+        batch.tgt_lens,
+    )
+    term, term_stats = _terms(model, batch, objective=objective, reward_samples=4)
+    assert stats["dp_loss"] == pytest.approx(dp.item(), rel=1e-6)
+    assert stats[key] == pytest.approx(term_stats[key], rel=1e-6)
+    assert loss.item() == pytest.approx(dp.item() + 0.5 * term.item(), rel=1e-6)
+    assert stats["gate_pass"] == 1.0  # codat.alpha 0: no gate yet (alpha = inf)
 
 
-def test_duplicates_fill_only_slots_left_by_distinct_samples_and_are_masked(monkeypatch):
-    # 5 distinct samples; the 6th slot goes to the best duplicate ([5 6], masked out).
-    assert _chosen(monkeypatch, 0.75) == [
-        ((5, 6), 0.9, True),
-        ((5, 6), 0.9, False),
-        ((7,), 0.5, True),
-        ((10,), 0.3, True),
-        ((11, 12, 13), 0.2, True),
-        ((8, 9), 0.1, True),
-    ]
-    everything = _chosen(monkeypatch, 1.0)
-    assert len(everything) == 8
-    assert [m for _, _, m in everything].count(False) == 3  # the three duplicates
-    assert {s for s, _, m in everything if m} == {(5, 6), (7,), (10,), (11, 12, 13), (8, 9)}
+def test_dat_step_with_glancing_scores_samples_of_one_more_unglanced_forward():
+    model, batch = _model(), _batch()
+    cfg = RunConfig(
+        model=make_config("dat", **ARCH),
+        train=TrainConfig(objective="codat"),
+        codat=CodatConfig(**LOOSE, weight=2.0),
+    )
+    rec = _Inputs(model)
+    generator = torch.Generator().manual_seed(SEED)
+    loss, stats = dat_step(model, batch, cfg=cfg, ratio=0.5, generator=generator, autocast=NULL)
+    rec.handle.remove()
+    # pass 1 (placeholders), pass 2 (glanced inputs), and the un-glanced pass of the term.
+    assert len(rec.calls) == 3 and stats["glanced"] > 0
+    assert rec.calls[1][2] is not None and (len(rec.calls[2]) < 3 or rec.calls[2][2] is None)
+    # The same draws step by step: glancing takes its noise from the generator first.
+    generator = torch.Generator().manual_seed(SEED)
+    glance = glance_inputs(model, batch, ratio=0.5, generator=generator, autocast=NULL)
+    term, term_stats = codat_term(
+        model(batch.src_ids, batch.src_lens),
+        batch,
+        objective="codat",
+        codat=cfg.codat,
+        alpha=math.inf,
+        generator=generator,
+    )
+    assert stats["cl_loss"] == pytest.approx(term_stats["cl_loss"], rel=1e-6)
+    assert loss.item() == pytest.approx(stats["dp_loss"] + 2.0 * term.item(), rel=1e-6)
+    assert int(glance.keep.sum()) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +344,8 @@ def test_duplicates_fill_only_slots_left_by_distinct_samples_and_are_masked(monk
 
 
 def test_constant_schedule_is_linear_warm_up_then_flat():
+    from codat.train import learning_rate
+
     tc = TrainConfig(lr_schedule="constant", lr=1e-3, warmup_steps=10, warmup_init_lr=1e-7)
     assert learning_rate(0, tc) == pytest.approx(1e-7, rel=1e-12)
     assert learning_rate(5, tc) == pytest.approx(1e-7 + (1e-3 - 1e-7) * 0.5, rel=1e-12)
@@ -331,34 +356,53 @@ def test_constant_schedule_is_linear_warm_up_then_flat():
 
 
 def test_inverse_sqrt_schedule_is_unchanged():
+    """fairseq's inverse_sqrt: linear warm-up from init_lr, then lr * sqrt(warmup / step)."""
+    from codat.train import learning_rate
+
     tc = TrainConfig(lr=5e-4, warmup_steps=100, warmup_init_lr=1e-7)
     assert tc.lr_schedule == "inverse_sqrt"
-    for step in (0, 1, 50, 100, 400, 10**5):
-        expected = inverse_sqrt_lr(step, lr=5e-4, warmup=100, init_lr=1e-7)
-        assert learning_rate(step, tc) == expected
+    for step in (0, 1, 50, 99):
+        expected = 1e-7 + (5e-4 - 1e-7) * step / 100
+        assert learning_rate(step, tc) == pytest.approx(expected, rel=1e-12)
+    for step in (100, 101, 400, 10**5):
+        assert learning_rate(step, tc) == pytest.approx(5e-4 * math.sqrt(100 / step), rel=1e-12)
     assert learning_rate(400, tc) == pytest.approx(5e-4 * 0.5, rel=1e-12)
     assert learning_rate(50, tc) == pytest.approx(1e-7 + (5e-4 - 1e-7) / 2, rel=1e-12)
 
 
 @pytest.mark.parametrize(
-    "train, key",
+    "values, key",
     [
-        ({"objective": "contrastive"}, "train.objective"),
-        ({"lr_schedule": "cosine"}, "train.lr_schedule"),
-        ({"cl_samples": 1}, "cl_samples"),
-        ({"cl_keep": 0.0}, "cl_keep"),
+        ({"train": {"objective": "contrastive"}}, "train.objective"),
+        ({"train": {"lr_schedule": "cosine"}}, "train.lr_schedule"),
+        ({"codat": {"samples": 1}}, "codat.samples"),
+        ({"codat": {"keep": 0.0}}, "codat.keep"),
+        ({"codat": {"temperature": -1.0}}, "codat.temperature"),
+        ({"codat": {"reward_samples": 0}}, "codat.reward_samples"),
+        # the keys before the codat section name their new place
+        ({"train": {"cl_samples": 8}}, "codat.samples"),
+        ({"train": {"cl_alpha": 2.0}}, "codat.alpha"),
+        ({"train": {"reward_samples": 8}}, "codat.reward_samples"),
+        ({"train": {"eval_cl_sentences": 8}}, "codat.eval_sentences"),
+        ({"model": {"arch": "at"}, "train": {"objective": "codat"}}, "train.objective"),
     ],
 )
-def test_bad_fine_tuning_config_raises_naming_the_key(train, key):
+def test_bad_fine_tuning_config_raises_naming_the_key(values, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        config_from_dict({"train": train})
+        config_from_dict(values)
 
 
 def test_fine_tuning_config_fields_load():
     cfg = config_from_dict(
         {
             "train": {"objective": "reward", "init_from": "runs/x", "lr_schedule": "constant"},
-            "decode": {"decoder": "sample", "samples": 16, "sample_beta": 0.3, "top_tokens": 2},
+            "decode": {
+                "decoder": "sample",
+                "samples": 16,
+                "rerank_token_weight": 0.3,
+                "top_tokens": 2,
+            },
+            "codat": {"samples": 16, "keep": 0.5, "weight": 0.5, "alpha": 2.1},
         }
     )
     assert (cfg.train.objective, cfg.train.init_from, cfg.train.lr_schedule) == (
@@ -366,8 +410,14 @@ def test_fine_tuning_config_fields_load():
         "runs/x",
         "constant",
     )
-    assert (cfg.decode.samples, cfg.decode.sample_beta, cfg.decode.top_tokens) == (16, 0.3, 2)
-    assert config_from_dict({"train": {"objective": "codat"}}).train.cl_alpha == 0.0
+    assert (cfg.decode.samples, cfg.decode.rerank_token_weight, cfg.decode.top_tokens) == (
+        16,
+        0.3,
+        2,
+    )
+    assert (cfg.codat.kept, cfg.codat.weight, cfg.codat.gate()) == (8, 0.5, 2.1)
+    unset = config_from_dict({"train": {"objective": "codat"}}).codat
+    assert unset.alpha == 0.0 and unset.gate() == math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +473,7 @@ def _fine_tune(trained: dict, name: str, *overrides: str) -> pathlib.Path:
     return run
 
 
-FT = ("train.max_steps=4", "train.cl_samples=8", "train.eval_cl_sentences=10")
+FT = ("train.max_steps=4", "codat.samples=8", "codat.eval_sentences=10")
 
 
 def test_codat_fine_tuning_end_to_end(trained, capsys):
@@ -436,7 +486,7 @@ def test_codat_fine_tuning_end_to_end(trained, capsys):
     )
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    alpha = cfg["train"]["cl_alpha"]
+    alpha = cfg["codat"]["alpha"]
     assert math.isfinite(alpha) and alpha > 0
     # alpha = the initial model's validation DP loss = the init run's last validation loss.
     assert alpha == pytest.approx(dat_valid[-1]["valid_loss"], abs=1e-3)
@@ -480,7 +530,7 @@ def test_codat_fine_tuning_end_to_end(trained, capsys):
             "0.5",
             "--top-tokens",
             "2",
-            "--beta",
+            "--rerank-token-weight",
             "0.5",
         ]
     )
@@ -545,9 +595,7 @@ def test_codat_fine_tuning_end_to_end(trained, capsys):
 
 def _ncm_check(run: pathlib.Path, data: pathlib.Path, ncm: float) -> None:
     """Recompute the NCM of the run's best/ checkpoint on val in one batch."""
-    from codat.generate import Translator
-
-    model = Translator.from_dir(run).model
+    model, _ = load_model(run / "best")
     val = ParallelData.load(data, "val")
     b = val.collate(list(range(len(val))))
     with torch.no_grad():
@@ -568,7 +616,7 @@ def test_reward_fine_tuning_end_to_end(trained):
         assert r["loss"] == pytest.approx(r["dp_loss"] + extra, abs=2e-4)
     assert any(r["reward_loss"] != 0 for r in train_rows)
     assert [r["step"] for r in valid_rows] == [4] and "valid_cl_loss" in valid_rows[0]
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["cl_alpha"] > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["codat"]["alpha"] > 0
     assert _max_diff(_weights(run / "last"), _weights(trained["dat"] / "best")) > 1e-4
 
 
@@ -580,7 +628,7 @@ def test_dp_objective_with_init_from_starts_from_the_init_weights(trained):
     _, valid = _rows(run)
     assert valid[0]["valid_loss"] == pytest.approx(_rows(trained["dat"])[1][-1]["valid_loss"], 1e-3)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["train"]["cl_alpha"] == 0.0  # no gate is computed for dp
+    assert cfg["codat"]["alpha"] == 0.0  # no gate is computed for dp
     # Without init_from the same run starts from a fresh initialisation, far from the init run.
     fresh = trained["tmp"] / "dp_fresh"
     _run(["train", str(trained["cfg"]), f"run_dir={fresh}", *tiny])
@@ -591,24 +639,17 @@ def test_validation_sample_stats_are_means_over_sentences(trained):
     """With temperature 0 every sample is the argmax walk, whatever the batching: the valid_*
     sample statistics are then the mean over sentences of that walk's sentence BLEU, computed
     here one sentence at a time, while Validation batches them (several batches)."""
-    import contextlib
     from dataclasses import replace
 
-    from codat.checkpoint import load_checkpoint_config, load_weights
     from codat.data import token_batches
-    from codat.rewards import sentence_bleu
-    from codat.train import Validation
+    from codat.evaluate import Validation
 
-    cfg = load_checkpoint_config(trained["dat"] / "best")
+    core, cfg = load_model(trained["dat"] / "best")
     cfg = replace(
         cfg,
-        train=replace(
-            cfg.train, eval_cl_sentences=12, max_tokens=64, cl_temperature=0.0, cl_samples=4
-        ),
+        train=replace(cfg.train, max_tokens=64),
+        codat=replace(cfg.codat, eval_sentences=12, temperature=0.0, samples=4),
     )
-    core = DATransformer(cfg.model)
-    load_weights(trained["dat"] / "best", core)
-    core.eval()
     valid = Validation.load(cfg, torch.device("cpu"), contextlib.nullcontext())
     sizes = torch.maximum(valid.data.src_lens, valid.data.tgt_lens)
     assert len(token_batches(sizes, max_tokens=64, shuffle=False)) > 1
@@ -626,8 +667,8 @@ def test_validation_sample_stats_are_means_over_sentences(trained):
                 out.graph_lens,
                 num_samples=1,
                 temperature=0.0,
-                top_p=cfg.train.cl_top_p,
-                top_tokens=cfg.train.cl_top_tokens,
+                top_p=cfg.codat.top_p,
+                top_tokens=cfg.codat.top_tokens,
                 generator=None,
                 special_ids=SPECIAL_IDS,
                 pad_id=PAD_ID,
@@ -641,10 +682,10 @@ def test_validation_sample_stats_are_means_over_sentences(trained):
 
 
 def test_resumed_fine_tuning_keeps_its_alpha_gate(trained):
-    ft = ("train.objective=codat", "train.cl_samples=8", "train.eval_every=2")
+    ft = ("train.objective=codat", "codat.samples=8", "train.eval_every=2")
     run = _fine_tune(trained, "codat_resume", *ft, "train.max_steps=2")
-    alpha = yaml.safe_load((run / "config.yaml").read_text())["train"]["cl_alpha"]
+    alpha = yaml.safe_load((run / "config.yaml").read_text())["codat"]["alpha"]
     assert alpha > 0
     _fine_tune(trained, "codat_resume", *ft, "train.max_steps=3", "--resume")
     assert [r["step"] for r in _rows(run)[0]] == [1, 2, 3]
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["cl_alpha"] == alpha
+    assert yaml.safe_load((run / "config.yaml").read_text())["codat"]["alpha"] == alpha

@@ -1,4 +1,5 @@
-"""codat.glancing and the glancing loss `train.dat_loss` (method.md §4) against the definitions.
+"""codat.glancing and DAT's training step `dat_train.dat_step` (method.md §4) against the
+definitions.
 
 Compared: `glance_ratio` with start + (end - start) * step / (anneal + 1) and with `end` from
 `anneal` on; `choose_glanced` on hand-built paths/predictions with K = floor((N_b - #correct) *
@@ -6,10 +7,11 @@ ratio + 0.5) revealed vertices per row, all aligned, with the gold token gather,
 frequencies over many rows, and with itself for one seeded generator; `force_alignment` with the
 hand-written column rule, and `dag_log_likelihood` on the force-aligned scores with a local
 float64 brute force over only the paths that put each revealed target i at its vertex j* (revealed
-tokens adding 0), values and gradients (zero on revealed columns). `dat_loss` with the plain DP
-loss (ratio 0), with a step-by-step recomputation from its building blocks (ratio 0.5, no dropout),
-and, with dropout on, pass 1 with pass 2 (identical dropout masks: same outputs when nothing is
-revealed, same encoder states when something is).
+tokens adding 0), values and gradients (zero on revealed columns). `dat_step` (objective dp) with
+the plain DP loss (ratio 0), with a step-by-step recomputation from its building blocks (ratio 0.5,
+no dropout), and, with dropout on, pass 1 with pass 2 (identical dropout masks: same outputs when
+nothing is revealed, same encoder states when something is); `dat_sentence_loss` with
+-log P(Y|X) / N_b on the un-glanced DAG (inf without a path).
 """
 
 from __future__ import annotations
@@ -17,18 +19,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import replace
 
 import pytest
 import torch
+from conftest import make_batch, make_config, make_model
 
-from codat.config import ModelConfig
+from codat.config import RunConfig
 from codat.dag import dag_best_path, dag_log_likelihood
-from codat.dat import DATransformer
-from codat.data import BOS_ID, EOS_ID, PAD_ID, Batch
+from codat.dat_train import dat_sentence_loss, dat_step
 from codat.glancing import choose_glanced, force_alignment, glance_ratio
 from codat.objectives import dag_nll, gather_token_logp
-from codat.train import dat_loss
 
 NEG_INF = float("-inf")
 
@@ -251,71 +251,51 @@ def test_forced_likelihood_equals_constrained_brute_force(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# train.dat_loss
+# dat_train.dat_step (objective dp) and dat_sentence_loss
 
-CFG = ModelConfig(
-    vocab_size=50,
-    dim=32,
-    heads=4,
-    ffn_dim=64,
-    encoder_layers=1,
-    decoder_layers=1,
-    upsample_scale=2.5,
-    dropout=0.0,
-)
 NULL = contextlib.nullcontext()
+CFG = RunConfig(model=make_config("dat", upsample_scale=2.5))  # train.objective dp
 
 
-def _model(dropout: float) -> DATransformer:
-    torch.manual_seed(0)
-    return DATransformer(replace(CFG, dropout=dropout)).train()
+def _model(dropout: float) -> torch.nn.Module:
+    return make_model("dat", seed=0, upsample_scale=2.5, dropout=dropout).train()
 
 
-def _batch(src_lens: list[int], tgt_lens: list[int]) -> Batch:
-    g = torch.Generator().manual_seed(2)
-    B = len(src_lens)
-    src = torch.full((B, max(src_lens)), PAD_ID, dtype=torch.long)
-    tgt = torch.full((B, max(tgt_lens)), PAD_ID, dtype=torch.long)
-    for b, (m, n) in enumerate(zip(src_lens, tgt_lens, strict=True)):
-        src[b, : m - 1] = torch.randint(4, CFG.vocab_size, (m - 1,), generator=g)
-        src[b, m - 1] = EOS_ID
-        tgt[b, 0], tgt[b, n - 1] = BOS_ID, EOS_ID
-        tgt[b, 1 : n - 1] = torch.randint(4, CFG.vocab_size, (n - 2,), generator=g)
-    return Batch(src, torch.tensor(src_lens), tgt, torch.tensor(tgt_lens), torch.arange(B))
+def _batch(src_lens: list[int], tgt_lens: list[int]):
+    return make_batch(src_lens, tgt_lens, seed=2)
 
 
-BATCH = ([4, 3, 2], [6, 4, 5])  # graph sizes 10, 7, 5
+BATCH = ([3, 2, 1], [4, 2, 3])  # content lengths; graph sizes 10, 7, 5 for targets of 6, 4, 5
+
+
+def _step(model, batch, *, ratio: float, seed: int = 0, autocast=NULL):
+    generator = torch.Generator().manual_seed(seed)
+    return dat_step(model, batch, cfg=CFG, ratio=ratio, generator=generator, autocast=autocast)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_dat_loss_with_glancing_is_finite_with_finite_grads(bf16):
+def test_dat_step_with_glancing_is_finite_with_finite_grads(bf16):
     model = _model(dropout=0.1)
-    batch = _batch([4, 3, 2, 1], [6, 4, 5, 3])  # last: graph size 2 < 3, invalid
+    batch = _batch([3, 2, 1, 0], [4, 2, 3, 1])  # last: graph size 2 < 3, invalid
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else NULL
-    loss, stats, _ = dat_loss(
-        model,
-        model,
-        batch,
-        ratio=0.5,
-        generator=torch.Generator().manual_seed(0),
-        autocast=autocast,
-    )
+    loss, stats = _step(model, batch, ratio=0.5, autocast=autocast)
     assert loss.dim() == 0 and torch.isfinite(loss) and float(loss.detach()) > 0
     assert stats["invalid"] == 1
     assert 0 < stats["glanced"] <= 1
+    assert all(isinstance(v, float | int) for v in stats.values())
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_dat_loss_without_glancing_equals_plain_dp_loss():
+def test_dat_step_without_glancing_equals_plain_dp_loss():
     model = _model(dropout=0.0)
     batch = _batch(*BATCH)
     gen = torch.Generator().manual_seed(0)
     gen_state = gen.get_state()
-    loss, stats, _ = dat_loss(model, model, batch, ratio=0.0, generator=gen, autocast=NULL)
+    loss, stats = dat_step(model, batch, cfg=CFG, ratio=0.0, generator=gen, autocast=NULL)
     assert torch.equal(gen.get_state(), gen_state)  # no glancing draw
-    assert stats.get("glanced", 0) == 0 and stats["invalid"] == 0
+    assert set(stats) == {"invalid"} and stats["invalid"] == 0
     model.eval()
     with torch.no_grad():
         out = model(batch.src_ids, batch.src_lens)
@@ -328,14 +308,12 @@ def test_dat_loss_without_glancing_equals_plain_dp_loss():
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_dat_loss_with_glancing_equals_stepwise_recomputation():
+def test_dat_step_with_glancing_equals_stepwise_recomputation():
     """Without dropout: pass 1 alignment -> K revealed gold tokens fed to the decoder -> forced
     DP loss divided by the full N_b."""
     model = _model(dropout=0.0)
     batch = _batch(*BATCH)
-    loss, stats, _ = dat_loss(
-        model, model, batch, ratio=0.5, generator=torch.Generator().manual_seed(5), autocast=NULL
-    )
+    loss, stats = _step(model, batch, ratio=0.5, seed=5)
     with torch.no_grad():
         out1 = model(batch.src_ids, batch.src_lens)
         tok1 = gather_token_logp(out1.token_logits, batch.tgt_ids)
@@ -367,17 +345,15 @@ class _Recorder:
         self.handle = module.register_forward_hook(lambda m, i, o: self.outputs.append(o))
 
 
-def test_dat_loss_pass_two_reuses_pass_one_dropout_masks_when_nothing_revealed():
+def test_dat_step_pass_two_reuses_pass_one_dropout_masks_when_nothing_revealed():
     """ratio 1e-9 gives K = 0: pass 2 sees the same placeholder input as pass 1, so with identical
     dropout masks both passes give identical outputs, and pass 2 equals a plain forward run from
-    the RNG state dat_loss started with."""
+    the RNG state dat_step started with."""
     model = _model(dropout=0.3)
     batch = _batch(*BATCH)
     rec = _Recorder(model)
     torch.manual_seed(11)
-    loss, stats, _ = dat_loss(
-        model, model, batch, ratio=1e-9, generator=torch.Generator().manual_seed(0), autocast=NULL
-    )
+    loss, stats = _step(model, batch, ratio=1e-9)
     rec.handle.remove()
     assert stats["glanced"] == 0 and len(rec.outputs) == 2
     pass1, pass2 = rec.outputs
@@ -398,16 +374,27 @@ def test_dat_loss_pass_two_reuses_pass_one_dropout_masks_when_nothing_revealed()
     assert not torch.equal(out.token_logits, out_b.token_logits)
 
 
-def test_dat_loss_pass_two_reuses_pass_one_dropout_masks_when_glancing():
+def test_dat_step_pass_two_reuses_pass_one_dropout_masks_when_glancing():
     """With revealed tokens the decoder inputs differ, but the encoder (drawn first) must see the
     same dropout masks in both passes."""
     model = _model(dropout=0.3)
     batch = _batch(*BATCH)
     rec = _Recorder(model.encoder)
-    loss, stats, _ = dat_loss(
-        model, model, batch, ratio=0.5, generator=torch.Generator().manual_seed(0), autocast=NULL
-    )
+    loss, stats = _step(model, batch, ratio=0.5)
     rec.handle.remove()
     assert stats["glanced"] > 0 and len(rec.outputs) == 2
     assert torch.equal(rec.outputs[0], rec.outputs[1])
     assert torch.isfinite(loss)
+
+
+def test_dat_sentence_loss_is_the_length_normalised_nll_and_inf_without_path():
+    model = _model(dropout=0.3).eval()
+    batch = _batch([3, 2, 1, 0], [4, 2, 3, 1])  # last: graph size 2 < 3, no path
+    got = dat_sentence_loss(model, batch)
+    assert got.shape == (4,) and not got.requires_grad
+    assert torch.isfinite(got[:3]).all() and got[3] == math.inf
+    out = model(batch.src_ids, batch.src_lens)
+    tok = gather_token_logp(out.token_logits, batch.tgt_ids)
+    ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, batch.tgt_lens)
+    torch.testing.assert_close(got[:3], (-ll / batch.tgt_lens)[:3].detach(), rtol=0, atol=1e-6)
+    assert not model.training  # the model's mode is left as it was

@@ -10,36 +10,45 @@ from pass 1, with the global RNG restored; `npd_samples` with sigma = 0 against 
 (all K equal), with itself under one seed, with the per-length decodes of the length beam and its
 scores with `nat_sample_scores`; `nat_sample_scores` with `loop_nat_sample_scores` in value and
 gradient; `pick_best_npd` on hand cases; a tiny copy task that GLAT learns in 200 steps; and CoDAT's
-`contrastive_loss` on NPD samples with a gradient reaching the model.
+`contrastive_loss` on NPD samples with a gradient reaching the model. The entry points:
+`glat_step` / `nat_step` with `glat_loss` (dp), and with `glat_loss` + codat.weight * the
+hand-built CoDAT line (NPD samples -> sentence BLEU -> dp_gate / duplicate_mask /
+choose_samples -> `nat_sample_scores` -> `sample_loss`, scaled by the gate's pass rate) for
+codat and reward; `nat_sentence_loss` with a per-sentence loop; the decoders with `nat_decode` /
+`npd_samples`; and, end to end through `codat train` / `codat generate`, NAT, GLAT and CoDAT on
+GLAT's NPD samples (paper Table 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
 import pytest
 import torch
+from cli_runs import check_codat_objective, check_trains_and_decodes, train_run
+from conftest import make_batch, make_config, make_model
+from corpus import prepare_copy_task
 from reference import loop_nat_sample_scores, loop_uniform_copy
 
-from codat.config import ModelConfig
+from codat.config import CodatConfig, DecodeConfig, ModelConfig, RunConfig, TrainConfig
 from codat.data import BOS_ID, EOS_ID, PAD_ID, Batch
 from codat.nat import (
-    NpdSamples,
     VanillaNAT,
-    content_targets,
-    glancing_reveal,
     glat_inputs,
     glat_loss,
-    nat_decode,
-    nat_loss,
-    nat_sample_scores,
-    npd_samples,
-    pick_best_npd,
-    uniform_copy_indices,
+    glat_step,
+    nat_argmax_decoder,
+    nat_npd_decoder,
+    nat_sentence_loss,
+    nat_step,
 )
-from codat.objectives import contrastive_loss
+from codat.nat_core import content_targets, glancing_reveal, nat_loss, uniform_copy_indices
+from codat.npd import NpdSamples, nat_decode, nat_sample_scores, npd_samples, pick_best_npd
+from codat.objectives import contrastive_loss, sample_loss
 from codat.rewards import sentence_bleu
+from codat.selection import choose_samples, dp_gate, duplicate_mask
 
 V = 20
 MAX_LEN = 16
@@ -55,8 +64,9 @@ def tiny_nat(dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> Vanill
         decoder_layers=1,
         dropout=dropout,
         max_source_positions=32,
+        max_length=MAX_LEN,
     )
-    return VanillaNAT(cfg, max_length=MAX_LEN).to(dtype)
+    return VanillaNAT(cfg).to(dtype)
 
 
 def copy_batch(g: torch.Generator, B: int, *, shift: int = 0, lo: int = 3, hi: int = 8) -> Batch:
@@ -344,7 +354,7 @@ def test_glat_learns_a_tiny_copy_task(shift):
     model.train()
     for _ in range(200):
         loss = glat_loss(
-            model, model, copy_batch(data, 32, shift=shift), ratio=0.5, generator=glance,
+            model, copy_batch(data, 32, shift=shift), ratio=0.5, generator=glance,
             length_weight=1.0,
         )  # fmt: skip
         opt.zero_grad()
@@ -384,3 +394,168 @@ def test_contrastive_loss_on_npd_samples_reaches_the_model():
     loss.backward()
     assert model.decoder_layers[0].ffn.fc1.weight.grad.abs().sum() > 0
     assert model.embed.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The training steps, the validation loss and the decoders
+
+
+def run_config(arch: str, objective: str = "dp", *, glance: float = 0.0, **codat) -> RunConfig:
+    train = TrainConfig(
+        objective=objective, glance_start=glance, glance_end=glance, label_smoothing=0.1
+    )
+    return RunConfig(model=make_config(arch), train=train, codat=CodatConfig(**codat))
+
+
+def test_glat_step_is_glat_loss_and_nat_step_never_glances():
+    model = make_model("glat").train()
+    batch = make_batch([5, 3, 6], [4, 6, 2], seed=1)
+    cfg = run_config("glat", glance=0.5)
+    loss, stats = glat_step(
+        model, batch, cfg=cfg, ratio=0.5, generator=torch.Generator().manual_seed(2),
+        autocast=contextlib.nullcontext(),
+    )  # fmt: skip
+    ref = glat_loss(
+        model, batch, ratio=0.5, generator=torch.Generator().manual_seed(2), label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss, ref.loss)
+    assert stats == {"length_nll": float(ref.length_nll), "glance": 0.5}
+    plain, plain_stats = nat_step(
+        model, batch, cfg=run_config("nat"), ratio=0.7, generator=None,
+        autocast=contextlib.nullcontext(),
+    )  # fmt: skip
+    ref = glat_loss(model, batch, ratio=0.0, generator=None, label_smoothing=0.1)
+    torch.testing.assert_close(plain, ref.loss)
+    assert plain_stats == {"length_nll": float(ref.length_nll)}  # no "glance": it never glances
+    loss.backward()
+    assert model.length_head.weight.grad.abs().sum() > 0
+
+
+def _hand_built_term(model, batch, cfg, generator, objective):
+    """The CoDAT line written out: NPD samples, rewards, selection, direct scores, sample_loss."""
+    cc = cfg.codat
+    samples = npd_samples(
+        model, batch.src_ids, batch.src_lens, k=cc.samples, sigma=cc.noise, generator=generator
+    )
+    ref_ids, ref_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+    rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
+    gate = dp_gate(nat_sentence_loss(model, batch), alpha=cc.gate())
+    duplicates = duplicate_mask(samples.tokens, samples.lengths, pad_id=PAD_ID)
+    count = cc.kept if objective == "codat" else cc.reward_samples
+    chosen = choose_samples(
+        samples.tokens, samples.lengths, rewards, duplicates, gate, objective=objective,
+        count=count,
+    )  # fmt: skip
+    rows = chosen.rows
+    scores = nat_sample_scores(
+        model, batch.src_ids[rows], batch.src_lens[rows], chosen.tokens, chosen.lengths
+    )
+    term = sample_loss(
+        scores, chosen.rewards, chosen.distinct, rewards[rows].mean(1), objective=objective,
+        margin=cc.margin, tie=cc.tie,
+    )  # fmt: skip
+    return term, term * len(rows) / len(gate), rewards, gate
+
+
+@pytest.mark.parametrize("objective", ["codat", "reward"])
+def test_glat_step_adds_the_sample_loss_of_the_chosen_npd_samples(objective):
+    """Half the sentences pass the gate (alpha between their reference losses): the term is
+    `sample_loss` of their chosen samples scored directly, times 1/2, weighted by codat.weight."""
+    model = make_model("glat").train()
+    batch = make_batch([5, 3, 6, 4], [4, 6, 2, 5], seed=3)
+    losses = nat_sentence_loss(model, batch).sort().values
+    alpha = float(losses[1] + losses[2]) / 2
+    settings = dict(samples=6, keep=0.5, noise=1.5, weight=0.7, margin=0.05, reward_samples=4)
+    cfg = run_config("glat", objective, glance=0.5, alpha=alpha, **settings)
+    loss, stats = glat_step(
+        model, batch, cfg=cfg, ratio=0.5, generator=torch.Generator().manual_seed(4),
+        autocast=contextlib.nullcontext(),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    base = glat_loss(model, batch, ratio=0.5, generator=g, label_smoothing=0.1)
+    raw, term, rewards, gate = _hand_built_term(model, batch, cfg, g, objective)
+    assert int(gate.sum()) == 2
+    torch.testing.assert_close(loss, base.loss + 0.7 * term)
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    assert stats[key] == pytest.approx(float(raw)) and stats["gate_pass"] == 0.5
+    assert stats["dp_loss"] == pytest.approx(float(base.loss))
+    assert stats["sample_bleu"] == pytest.approx(float(rewards.mean()) * 100)
+    assert stats["oracle_bleu"] == pytest.approx(float(rewards.amax(1).mean()) * 100)
+    assert 0 < stats["distinct"] <= 1 and stats["glance"] == 0.5
+    assert float(raw) != 0  # control: the term takes part
+    model.zero_grad()
+    (loss - base.loss.detach()).backward()
+    assert model.decoder_layers[0].ffn.fc1.weight.grad.abs().sum() > 0
+
+
+def test_nat_step_without_any_sentence_through_the_gate_adds_exactly_zero():
+    model = make_model("nat").train()
+    batch = make_batch([5, 3], [4, 6], seed=5)
+    cfg = run_config("nat", "codat", samples=4, alpha=1e-6)
+    loss, stats = nat_step(
+        model, batch, cfg=cfg, ratio=0.0, generator=torch.Generator().manual_seed(0),
+        autocast=contextlib.nullcontext(),
+    )  # fmt: skip
+    ref = glat_loss(model, batch, ratio=0.0, generator=None, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref.loss)
+    assert stats["gate_pass"] == 0.0 and stats["cl_loss"] == 0.0
+
+
+def test_sentence_loss_is_the_mean_token_nll_at_the_clamped_reference_length():
+    model = make_model("nat", max_length=5).eval()
+    batch = make_batch([4, 3, 6], [3, 7, 0], seed=6)
+    got = nat_sentence_loss(model, batch)
+    tgt, lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+    for b in range(3):
+        T = min(int(lens[b]), 5)
+        S = int(batch.src_lens[b])
+        with torch.no_grad():
+            out = model(
+                batch.src_ids[b : b + 1, :S], batch.src_lens[b : b + 1], torch.tensor([max(T, 1)])
+            )
+        logp = torch.log_softmax(out.token_logits[0], -1)
+        expected = -sum(float(logp[t, tgt[b, t]]) for t in range(T)) / max(T, 1)
+        assert float(got[b]) == pytest.approx(expected, abs=1e-5)
+    assert float(got[2]) == 0.0  # an empty reference
+
+
+def test_decoders_are_argmax_decoding_and_npd_with_the_decode_settings():
+    model = make_model("glat").eval()
+    batch = make_batch([5, 3, 6], [4, 6, 2], seed=7)
+    src, lens = batch.src_ids, batch.src_lens
+    dc = DecodeConfig(length_beam=2, samples=7, noise=0.8)
+    got = nat_argmax_decoder(model, src, lens, dc, None)
+    assert torch.equal(got, nat_decode(model, src, lens, length_beam=2))
+    npd = nat_npd_decoder(model, src, lens, dc, torch.Generator().manual_seed(5))
+    samples = npd_samples(
+        model, src, lens, k=3, sigma=0.8, generator=torch.Generator().manual_seed(5),
+        length_beam=2,
+    )  # fmt: skip
+    assert torch.equal(npd, pick_best_npd(samples))
+    assert torch.equal(model.output_lengths(lens), lens)
+    assert model.max_target_lens(lens).tolist() == [34] * 3  # max_length 32 + <s> </s>
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the CLI
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_copy_task(tmp_path_factory.mktemp("nat_cli"))
+
+
+@pytest.mark.parametrize(("arch", "glance"), [("nat", 0.0), ("glat", 0.5)])
+def test_nat_and_glat_train_and_decode_end_to_end(data, capsys, arch, glance):
+    check_trains_and_decodes(data, capsys, arch, glance, 0.0)
+
+
+def test_codat_objective_on_glat_npd_samples(data):
+    """GLAT + NPD samples (paper Table 2)."""
+    check_codat_objective(data, "glat")
+
+
+def test_nat_trains_and_validates_when_references_exceed_max_length(data):
+    """Training pairs longer than model.max_length are dropped; validation scores the rest."""
+    _, rows, valid = train_run(data, "nat_short", "nat", steps=3, extra=["model.max_length=5"])
+    assert len(rows) == 3 and math.isfinite(valid[-1]["valid_loss"])

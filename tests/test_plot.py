@@ -10,6 +10,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_hex  # noqa: E402
 
 from codat import plot  # noqa: E402
+from codat.cli import run  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -161,21 +162,22 @@ def test_plot_run_errors(tmp_path, finetune, dat):
 
 def test_main_end_to_end(tmp_path, finetune, dat, capsys):
     out = tmp_path / "fig2.png"
-    assert plot.main([str(finetune), str(dat), "--out", str(out), "--labels", "codat, dat"]) == 0
+    assert run(["plot", str(finetune), str(dat), "--out", str(out), "--labels", "codat, dat"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert is_png(out)
-    assert plot.main([str(dat)]) == 0
+    assert run(["plot", str(dat)]) == 0
     assert capsys.readouterr().out.strip() == str(dat / "curves.png")
     assert is_png(dat / "curves.png")
 
 
 def test_main_errors(tmp_path, finetune, dat):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        plot.main([str(tmp_path / "missing")])
+        run(["plot", str(tmp_path / "missing")])
     no_valid = write_run(tmp_path / "novalid", DAT_ROWS[:1])
     with pytest.raises(ValueError, match="novalid"):
-        plot.main([str(no_valid)])
-    with pytest.raises(SystemExit):
-        plot.main([str(finetune), str(dat), "--labels", "only-one"])
-    with pytest.raises(SystemExit):
-        plot.main([])
+        run(["plot", str(no_valid)])
+    with pytest.raises(ValueError, match="1 labels for 2 run directories"):
+        run(["plot", str(finetune), str(dat), "--labels", "only-one"])
+    with pytest.raises(SystemExit) as e:
+        run(["plot"])
+    assert e.value.code == 2

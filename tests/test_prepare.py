@@ -18,9 +18,9 @@ import pytest
 import sentencepiece as spm
 
 from codat.cli import main as cli_main
+from codat.cli import run
 from codat.data import ParallelData, read_meta
-from codat.prepare import PrepareError, prepare
-from codat.prepare import main as prepare_main
+from codat.prepare import PrepareError, prepare, summary
 
 WORDS = "ein mann eine frau hund spielt im park mit dem ball auf der straße".split()
 LONG_TARGET = " ".join(WORDS[:12])  # 12 words: at least 12 pieces whatever BPE learns
@@ -320,12 +320,14 @@ def _argv(prefixes: dict[str, str], out: pathlib.Path) -> list[str]:
     ]
 
 
-def test_prepare_main_prints_kept_and_dropped_counts(tmp_path, prefixes, capsys):
-    assert prepare_main(_argv(prefixes, tmp_path / "bin")) == 0
+def test_prepare_command_prints_kept_and_dropped_counts(tmp_path, prefixes, capsys):
+    assert run(["prepare", *_argv(prefixes, tmp_path / "bin")]) == 0
     out = capsys.readouterr().out
     assert "train kept 60/65" in out
     assert "dropped 3 empty, 2 untrainable" in out
     assert "val 8" in out and "test 5" in out
+    meta = json.loads((tmp_path / "bin" / "meta.json").read_text())
+    assert out.strip() == summary(meta, tmp_path / "bin")
 
 
 def test_cli_prepare_exits_zero_and_writes_the_directory(tmp_path, prefixes, capsys):

@@ -8,11 +8,9 @@ Shape letters used in every shape comment of the package:
 __version__ = "0.1.0"
 
 
-def load(run_dir: str, *, device: str = "cpu"):
+def load(run_dir: str, *, device: str = "cpu") -> "Translator":  # noqa: F821
     """Load a trained checkpoint directory and return a `Translator` (see `codat.generate`)."""
     from codat.generate import Translator
 
     return Translator.from_dir(run_dir, device=device)
 
-
-__all__ = ["__version__", "load"]

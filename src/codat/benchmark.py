@@ -9,9 +9,6 @@ same run, forward only and forward + backward, and checks that they agree in val
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import statistics
 import time
 from collections.abc import Callable
@@ -126,17 +123,18 @@ def make_dag_inputs(
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that wall time includes it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call of `fn` in milliseconds (device work included)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) * 1000.0
 
 
@@ -144,11 +142,11 @@ def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | N
     """Peak CUDA memory allocated by `fn` above what was allocated before it (None off CUDA)."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
@@ -265,7 +263,7 @@ def run_dag_benchmark(
     return result
 
 
-# --- report and entry point -----------------------------------------------------------------------
+# --- report -------------------------------------------------------------------------------------
 
 
 def format_dag_report(result: dict) -> str:
@@ -297,242 +295,3 @@ def format_dag_report(result: dict) -> str:
         f"max |Δ| grad trans_logp  {r['max_abs_diff_grad_trans_logp']:.3e}",
     ]
     return "\n".join(lines)
-
-
-def main_dag(argv: list[str] | None = None) -> int:
-    """`codat benchmark dag [options]`: print the report (and optionally save it as JSON)."""
-    p = argparse.ArgumentParser(
-        prog="codat benchmark dag",
-        description="Time the DAG forward algorithm against the dense DAT-style reference.",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="B (default 32)")
-    p.add_argument("--target-len", type=int, default=30, help="N, longest target (default 30)")
-    p.add_argument("--graph-len", type=int, default=240, help="L, longest graph (default 240)")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads if > 0")
-    p.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
-    a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    result = run_dag_benchmark(
-        batch_size=a.batch_size,
-        target_len=a.target_len,
-        graph_len=a.graph_len,
-        repeats=a.repeats,
-        warmup=a.warmup,
-        seed=a.seed,
-        device=a.device,
-    )
-    print(format_dag_report(result))
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    return 0
-
-
-# --- decoding latency at batch size 1 (`codat benchmark decode`) ----------------------------------
-
-
-def run_decode_benchmark(
-    jobs: dict[str, Callable[[str], object]],
-    sentences: list[str],
-    *,
-    device: torch.device | str = "cpu",
-    repeats: int = 3,
-    warmup: int = 5,
-) -> dict:
-    """Mean latency per sentence (ms) of each named job (a function decoding one sentence), one
-    sentence at a time (the paper's batch-size-1 protocol), averaged over `repeats` passes over
-    `sentences`. The jobs take turns within every pass (order alternating between passes), so a
-    slower or faster machine phase affects all of them alike. The first job is the baseline of
-    `ratio` (latency / baseline latency) and `speedup` (baseline latency / latency)."""
-    if repeats < 1 or not sentences or not jobs:
-        raise ValueError("need repeats >= 1, at least one sentence and one decoder")
-    dev = torch.device(device)
-    names = list(jobs)
-    for name in names:
-        for s in sentences[:warmup]:
-            jobs[name](s)
-    totals = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            _sync(dev)
-            t0 = time.perf_counter()
-            for s in sentences:
-                jobs[name](s)
-            _sync(dev)
-            totals[name].append((time.perf_counter() - t0) * 1000.0 / len(sentences))
-    ms = {name: statistics.mean(v) for name, v in totals.items()}
-    base = names[0]
-    return {
-        "sentences": len(sentences),
-        "repeats": repeats,
-        "device": str(dev),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "ms_per_sentence": ms,
-        "per_pass_ms": totals,
-        "relative_to": base,
-        "ratio": {name: ms[name] / ms[base] for name in names},
-        "speedup": {name: ms[base] / ms[name] for name in names},
-    }
-
-
-def format_decode_report(result: dict, settings: dict[str, str], *, speedup: bool = False) -> str:
-    """A table: decoder, ms/sentence, latency ratio (or speed-up) vs the first, its settings."""
-    r = result
-    column = ("speed-up" if speedup else "vs " + r["relative_to"])[:15]
-    lines = [
-        f"Decoding latency, batch size 1: {r['sentences']} sentences x {r['repeats']} passes, "
-        f"device={r['device']}, threads={r['torch_threads']}, torch {r['torch_version']}",
-        "",
-        f"{'decoder':<22}{'ms/sentence':>13}{column:>16}  settings",
-    ]
-    for name, ms in r["ms_per_sentence"].items():
-        value = r["speedup" if speedup else "ratio"][name]
-        lines.append(f"{name:<22}{ms:>13.2f}{value:>15.2f}x  {settings[name]}")
-    if speedup:
-        lines.append(f"\nspeed-up = latency of {r['relative_to']} / latency of the row")
-    return "\n".join(lines)
-
-
-def _write_json(path: str | None, result: dict) -> None:
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-
-
-def _read_sentences(path: str, max_sentences: int) -> list[str]:
-    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
-    return lines[:max_sentences] if max_sentences > 0 else lines
-
-
-def _job(translator, options: dict) -> Callable[[str], object]:
-    return lambda sentence: translator.generate([sentence], **options)
-
-
-def _describe(options: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.items())
-
-
-def main_decode(argv: list[str] | None = None) -> int:
-    """`codat benchmark decode RUN_DIR --input SRC`: lookahead vs K-sample decoding + rerank."""
-    from codat.generate import Translator
-
-    p = argparse.ArgumentParser(
-        prog="codat benchmark decode",
-        description="Latency at batch size 1 of lookahead vs sampling + reranking, in one run.",
-    )
-    p.add_argument("run_dir", help="run directory (its best/) or checkpoint directory")
-    p.add_argument("--input", "-i", required=True, help="source text file, one sentence per line")
-    p.add_argument("--max-sentences", type=int, default=200, help="first N lines (0 = all)")
-    p.add_argument("--repeats", type=int, default=3, help="passes over the sentences (default 3)")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--top-p", type=float, default=0.5)
-    p.add_argument("--top-tokens", type=int, default=1)
-    p.add_argument("--beta", type=float, default=0.5, help="sample rerank weight")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads if > 0")
-    p.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
-    a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    lines = _read_sentences(a.input, a.max_sentences)
-    translator = Translator.from_dir(a.run_dir, device=a.device)
-    settings = {
-        "lookahead": {"decoder": "lookahead"},
-        f"sample-{a.samples}": {
-            "decoder": "sample",
-            "samples": a.samples,
-            "temperature": a.temperature,
-            "top_p": a.top_p,
-            "top_tokens": a.top_tokens,
-            "beta": a.beta,
-        },
-    }
-    jobs = {name: _job(translator, options) for name, options in settings.items()}
-    with torch.inference_mode():
-        result = run_decode_benchmark(jobs, lines, device=a.device, repeats=a.repeats)
-    print(format_decode_report(result, {k: _describe(v) for k, v in settings.items()}))
-    _write_json(a.json, result)
-    return 0
-
-
-def speed_settings(arch: str, *, samples: int, iterations: list[int]) -> dict[str, dict]:
-    """The decoders `codat benchmark speed` times for one model family (the paper's Table 1)."""
-    if arch == "at":
-        return {"beam": {"decoder": "beam"}, "greedy": {"decoder": "greedy"}}
-    if arch == "dat":
-        return {
-            "greedy": {"decoder": "greedy"},
-            "lookahead": {"decoder": "lookahead"},
-            "viterbi": {"decoder": "viterbi"},
-            f"sample-{samples}": {"decoder": "sample", "samples": samples},
-        }
-    if arch == "nat":
-        return {
-            "argmax": {"decoder": "argmax"},
-            f"npd-{samples}": {"decoder": "npd", "samples": samples},
-        }
-    if arch == "ctc":
-        return {"greedy": {"decoder": "greedy"}}
-    if arch == "cmlm":
-        return {f"iter-{i}": {"decoder": "mask-predict", "iterations": i} for i in iterations}
-    raise ValueError(f"no speed settings for model.arch={arch}")
-
-
-def main_speed(argv: list[str] | None = None) -> int:
-    """`codat benchmark speed LABEL=RUN_DIR ... --input SRC`: batch-1 latency of every decoder of
-    every run and the speed-up over the first run's first decoder (AT beam search)."""
-    from codat.generate import Translator
-
-    p = argparse.ArgumentParser(
-        prog="codat benchmark speed",
-        description="Batch-size-1 latency of many models' decoders and their speed-up over the "
-        "first (put the AT first: its beam search is the baseline), in one run.",
-    )
-    p.add_argument(
-        "runs",
-        nargs="+",
-        metavar="LABEL=RUN_DIR",
-        help="e.g. at=runs/at glat=runs/glat dat=runs/dat",
-    )
-    p.add_argument("--input", "-i", required=True, help="source text file, one sentence per line")
-    p.add_argument("--max-sentences", type=int, default=200, help="first N lines (0 = all)")
-    p.add_argument("--repeats", type=int, default=3, help="passes over the sentences (default 3)")
-    p.add_argument("--samples", type=int, default=128, help="dat sample / nat npd candidates")
-    p.add_argument(
-        "--iterations", default="1,4,10", help="cmlm mask-predict iteration counts (default 1,4,10)"
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads if > 0")
-    p.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
-    a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    iterations = [int(x) for x in a.iterations.split(",") if x.strip()]
-    lines = _read_sentences(a.input, a.max_sentences)
-    jobs, described = {}, {}
-    for spec in a.runs:
-        label, sep, run_dir = spec.partition("=")
-        if not sep or not label or not run_dir:
-            raise ValueError(f"run '{spec}': expected LABEL=RUN_DIR")
-        translator = Translator.from_dir(run_dir, device=a.device)
-        arch = translator.model.cfg.arch
-        for name, options in speed_settings(arch, samples=a.samples, iterations=iterations).items():
-            key = f"{label} {name}"
-            if key in jobs:
-                raise ValueError(f"label '{label}' is used twice")
-            jobs[key] = _job(translator, options)
-            described[key] = f"arch={arch} " + _describe(options)
-    with torch.inference_mode():
-        result = run_decode_benchmark(jobs, lines, device=a.device, repeats=a.repeats)
-    print(format_decode_report(result, described, speedup=True))
-    _write_json(a.json, result)
-    return 0

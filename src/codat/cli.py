@@ -1,120 +1,292 @@
-"""`codat <command>`: one function per verb."""
+"""`codat <verb>`: every command-line flag of the package, and one plain function call per verb.
+
+The decoding flags (`--decoder`, `--lookahead-token-weight`, `--samples`, ...) are generated once
+from the fields of `DecodeConfig`; `commands.decode_config` applies the given ones to the run's
+own decoding settings. `run(argv)` raises the verbs' errors; `main(argv)` (the console script)
+turns them into one line on stderr and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
+from codat import __version__, commands
+from codat.config import ARCHS, DecodeConfig
 
-def _train(argv: list[str]) -> int:
-    from codat.config import load_config
-    from codat.train import train
+# Help text of each DecodeConfig field, shown by every verb that decodes.
+DECODE_HELP = {
+    "decoder": "decoder of the model's arch (first = default): dat lookahead|greedy|viterbi|"
+    "sample; at beam|greedy; nat/glat argmax|npd; ctc greedy; cmlm mask-predict",
+    "lookahead_token_weight": "lookahead: weight of the token log-prob in the next-vertex score",
+    "viterbi_length_exponent": "viterbi: the joint score is divided by length ** this",
+    "max_tokens": "decoding batch size, in decoder positions",
+    "samples": "sample: hypotheses per sentence; npd: noisy candidates",
+    "temperature": "sample: sampling temperature",
+    "top_p": "sample: top-p of each sampling step",
+    "top_tokens": "sample: candidate tokens per vertex",
+    "rerank_token_weight": "sample: rerank score w * token score + (1 - w) * transition score",
+    "seed": "sample / npd: random seed",
+    "beam": "at: beam size",
+    "length_penalty": "at: beam search length penalty",
+    "max_len_a": "at: output length limit a * source length + b",
+    "max_len_b": "at: output length limit a * source length + b",
+    "length_beam": "nat / glat / cmlm: number of predicted lengths tried",
+    "noise": "npd: std of the Gaussian noise on the decoder inputs",
+    "iterations": "cmlm: mask-predict iterations",
+}
+_TYPES = {"int": int, "float": float, "str": str}
+_BETA_RENAMED = (
+    "was renamed: use --lookahead-token-weight (lookahead decoder) or --rerank-token-weight "
+    "(sample decoder's rerank weight)"
+)
 
-    p = argparse.ArgumentParser(
-        prog="codat train", description="Train a model (model.arch: dat, at, nat, ctc, cmlm)."
+
+class _RenamedFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {_BETA_RENAMED}")
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a DecodeConfig field: top_p -> --top-p."""
+    return "--" + field_name.replace("_", "-")
+
+
+def add_decode_flags(p: argparse.ArgumentParser, *, title: str) -> None:
+    """One flag per `DecodeConfig` field (default None: keep the run's setting), plus the
+    renamed `--beta`, which exits with an error naming its replacements."""
+    group = p.add_argument_group(title)
+    for f in dataclasses.fields(DecodeConfig):
+        kind, help_ = _TYPES[f.type], DECODE_HELP[f.name]
+        group.add_argument(flag_name(f.name), dest=f.name, type=kind, default=None, help=help_)
+    p.add_argument("--beta", nargs="?", action=_RenamedFlag, help=argparse.SUPPRESS)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+
+def _verb(sub, name: str, func, help_: str, description: str = "") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=description or help_, allow_abbrev=False)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_prepare(sub) -> None:
+    p = _verb(
+        sub,
+        "prepare",
+        commands.prepare,
+        "raw parallel text -> sentencepiece model + id tensors",
+        "Read PREFIX.LANG[.gz] of each split, train a joint sentencepiece BPE model, write id "
+        "tensors; the output directory appears only when complete.",
+    )
+    p.add_argument("--src", required=True, help="source language suffix, e.g. de")
+    p.add_argument("--tgt", required=True, help="target language suffix, e.g. en")
+    p.add_argument(
+        "--train", required=True, help="training prefix: reads PREFIX.SRC[.gz], PREFIX.TGT[.gz]"
+    )
+    p.add_argument("--valid", help="validation prefix")
+    p.add_argument("--test", action="append", default=[], help="test prefix (repeatable)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument(
+        "--upsample-scale", type=float, default=8.0, help="lambda used to drop pairs with L < n"
+    )
+    p.add_argument(
+        "--max-ratio", type=float, default=2.0, help="drop training pairs above this length ratio"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+
+
+def _add_train(sub) -> None:
+    p = _verb(
+        sub,
+        "train",
+        commands.train,
+        "train a model (DAT, AT, NAT, GLAT, CTC, CMLM) from a YAML config",
+        f"Train a model (model.arch: {', '.join(ARCHS)}).",
     )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from last/")
-    a = p.parse_args(argv)
-    train(load_config(a.config, a.overrides), resume=a.resume)
-    return 0
 
 
-def _score(argv: list[str]) -> int:
-    from codat.metrics import main
-
-    return main(argv)
-
-
-def _benchmark(argv: list[str]) -> int:
-    from codat import benchmark
-
-    mains = {
-        "dag": benchmark.main_dag,
-        "decode": benchmark.main_decode,
-        "speed": benchmark.main_speed,
-    }
-    if not argv or argv[0] not in mains:
-        print("usage: codat benchmark {dag,decode,speed} [options]", file=sys.stderr)
-        return 2
-    return mains[argv[0]](argv[1:])
+def _add_generate(sub) -> None:
+    p = _verb(sub, "generate", commands.generate, "translate a file or stdin with a trained run")
+    p.add_argument(
+        "run_dir", help="run directory (uses its best/ checkpoint) or checkpoint directory"
+    )
+    p.add_argument(
+        "--input", "-i", default="-", help="source text file, one sentence per line (- = stdin)"
+    )
+    p.add_argument("--output", "-o", default="-", help="output file (- = stdout)")
+    add_decode_flags(p, title="decoding (default: the run's decode settings)")
+    _add_device(p)
 
 
-def _analyze(argv: list[str]) -> int:
-    from codat.analysis import main_analyze
-
-    return main_analyze(argv)
-
-
-def _tune_beta(argv: list[str]) -> int:
-    from codat.analysis import main_tune_beta
-
-    return main_tune_beta(argv)
-
-
-def _plot(argv: list[str]) -> int:
-    from codat.plot import main
-
-    return main(argv)
+def _add_distill(sub) -> None:
+    p = _verb(
+        sub,
+        "distill",
+        commands.distill,
+        "decode a training source file with a teacher (sequence-level KD)",
+        "Decode every line of SRC with a trained model (by default an AT with beam search) and "
+        "write OUT atomically, to pair with SRC in codat prepare.",
+    )
+    p.add_argument("run_dir", help="run or checkpoint directory of the teacher (usually an AT)")
+    p.add_argument("src", help="source sentences, one per line (.gz allowed)")
+    p.add_argument("out", help="distilled target file to write")
+    add_decode_flags(p, title="decoding (default: the run's decode settings; AT: beam)")
+    _add_device(p)
 
 
-def _prepare(argv: list[str]) -> int:
-    from codat.prepare import main
+def _add_small_verbs(sub) -> None:
+    p = _verb(
+        sub, "average", commands.average, "average the kept best checkpoints of a run into one"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output checkpoint dir (default RUN_DIR/averaged)")
+    p = _verb(
+        sub, "score", commands.score, "corpus sacreBLEU of a hypothesis file against a reference"
+    )
+    p.add_argument("hyp")
+    p.add_argument("ref")
+    p.add_argument("--tokenize", default="13a")
+    p = _verb(
+        sub,
+        "plot",
+        commands.plot,
+        "PNG of validation DP / contrastive loss / BLEU curves of runs",
+        "Validation DP loss, contrastive loss and BLEU against step (paper Figure 2).",
+    )
+    p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png of the first run)")
+    p.add_argument("--labels", help="comma-separated legend labels, one per run dir")
 
-    return main(argv)
+
+def _add_sampling_verbs(sub) -> None:
+    analyze = _verb(
+        sub,
+        "analyze",
+        commands.analyze,
+        "NCM and Oracle BLEU (best of K samples) on a prepared split",
+        "NCM and Oracle BLEU (best of K samples) of a trained DAT on a prepared split.",
+    )
+    tune = _verb(
+        sub,
+        "tune-beta",
+        commands.tune_beta,
+        "pick the sample decoder's rerank token weight on validation",
+        "Pick the sample decoder's rerank token weight by corpus BLEU on validation.",
+    )
+    tune.add_argument(
+        "--betas",
+        "--rerank-token-weights",
+        dest="betas",
+        default="0.3,0.5,0.7",
+        help="comma-separated rerank token weights to compare",
+    )
+    for p in (analyze, tune):
+        p.add_argument("run_dir", help="run directory (its best/) or checkpoint directory")
+        p.add_argument("--data-dir", required=True, help="prepared data directory (codat prepare)")
+        p.add_argument("--split", default="val", help="split name (default val)")
+        p.add_argument("--max-sentences", type=int, default=0, help="only the first N (0 = all)")
+        p.add_argument("--output", "-o", default=None, help="also write the result as JSON here")
+        add_decode_flags(p, title="sampling (default: the run's decode settings)")
+        _add_device(p)
 
 
-def _generate(argv: list[str]) -> int:
-    from codat.generate import main
+def _add_benchmark(sub) -> None:
+    bench = sub.add_parser(
+        "benchmark",
+        help="dag: the DP vs a dense reference; decode: lookahead vs sampling; speed: batch-1 "
+        "latency and speed-up of every model's decoders",
+        allow_abbrev=False,
+    )
+    kinds = bench.add_subparsers(dest="kind", metavar="{dag,decode,speed}", required=True)
+    p = _verb(
+        kinds, "dag", commands.benchmark_dag, "time the DAG forward algorithm vs a dense reference"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="B (default 32)")
+    p.add_argument("--target-len", type=int, default=30, help="N, longest target (default 30)")
+    p.add_argument("--graph-len", type=int, default=240, help="L, longest graph (default 240)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    decode = _verb(
+        kinds,
+        "decode",
+        commands.benchmark_decode,
+        "batch-1 latency of lookahead vs sampling + rerank",
+    )
+    decode.add_argument("run_dir", help="run directory (its best/) or checkpoint directory")
+    add_decode_flags(
+        decode,
+        title="the sample decoder (default: samples 128, temperature 0.05, top-p 0.5, "
+        "top-tokens 1, rerank-token-weight 0.5, else the run's settings)",
+    )
+    speed = _verb(
+        kinds,
+        "speed",
+        commands.benchmark_speed,
+        "batch-1 latency of every decoder of many runs and the speed-up over the first "
+        "(put the AT first: its beam search is the baseline)",
+    )
+    speed.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR", help="e.g. at=runs/at")
+    speed.add_argument("--samples", type=int, default=128, help="dat sample / npd candidates")
+    speed.add_argument("--iterations", default="1,4,10", help="cmlm mask-predict iterations")
+    for q in (decode, speed):
+        q.add_argument("--input", "-i", required=True, help="source text, one sentence per line")
+        q.add_argument("--max-sentences", type=int, default=200, help="first N lines (0 = all)")
+        q.add_argument("--repeats", type=int, default=3, help="passes over the sentences")
+    for q in (p, decode, speed):
+        _add_device(q)
+        q.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
 
-    return main(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `codat` parser: one sub-command per verb."""
+    parser = argparse.ArgumentParser(
+        prog="codat",
+        description="DA-Transformer and CoDAT (and AT, NAT, GLAT, CTC, CMLM baselines).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"codat {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="<command>", required=True)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_distill(sub)
+    _add_sampling_verbs(sub)
+    _add_small_verbs(sub)
+    _add_benchmark(sub)
+    return parser
 
 
-def _distill(argv: list[str]) -> int:
-    from codat.generate import main_distill
-
-    return main_distill(argv)
-
-
-def _average(argv: list[str]) -> int:
-    from codat.checkpoint import main_average
-
-    return main_average(argv)
-
-
-COMMANDS = {
-    "prepare": (_prepare, "raw parallel text -> sentencepiece model + id tensors"),
-    "train": (_train, "train a model (DAT, AT, NAT/GLAT, CTC, CMLM) from a YAML config"),
-    "generate": (_generate, "translate a file or stdin with a trained run"),
-    "distill": (_distill, "decode a training source file with a teacher (sequence-level KD)"),
-    "average": (_average, "average the kept best checkpoints of a run into one"),
-    "score": (_score, "corpus sacreBLEU of a hypothesis file against a reference file"),
-    "tune-beta": (_tune_beta, "pick the sample decoder's rerank weight beta on validation"),
-    "analyze": (_analyze, "NCM and Oracle BLEU (best of K samples) on a prepared split"),
-    "plot": (_plot, "PNG of validation DP / contrastive loss / BLEU curves of runs"),
-    "benchmark": (
-        _benchmark,
-        "benchmark dag: the DP vs a dense reference; decode: lookahead vs sampling; "
-        "speed: batch-1 latency and speed-up of every model's decoders",
-    ),
-}
+def run(argv: list[str]) -> int:
+    """Parse `argv` and run its verb; the verb's errors propagate (argparse's exit with 2)."""
+    a = build_parser().parse_args(argv)
+    return a.func(a)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: exit 0 on success, 1 with one error line on a bad input, 2 on bad
+    usage."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: codat <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    func = COMMANDS[argv[0]][0]
     try:
-        code = func(argv[1:])
+        code = run(argv)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"codat {argv[0]}: error: {e}", file=sys.stderr)
+        verb = " ".join(argv[:2] if argv[0] == "benchmark" else argv[:1])
+        print(f"codat {verb}: error: {e}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code)

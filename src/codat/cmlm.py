@@ -2,11 +2,12 @@
 "Mask-Predict: Parallel Decoding of Conditional Masked Language Models").
 
 Choices (documented once, here):
-- `CMLM` subclasses `codat.nat.VanillaNAT` and reuses everything but the decoder input: shared
-  embeddings, the encoder, the length classifier on the mean-pooled encoder states (classes
-  0..cfg.max_length content tokens), learned decoder positions, the bidirectional decoder and the
-  output projection tied to the embeddings. Targets are the content y_1..y_T without <s>/</s>
-  (`codat.nat.content_targets`); position t predicts y_t.
+- `CMLM` has the layers of `codat.nat.VanillaNAT` (built by `nat_core.nat_modules` and run by
+  its functions: shared embeddings, the encoder, the length classifier on the mean-pooled encoder
+  states (classes 0..cfg.max_length content tokens), learned decoder positions, the bidirectional
+  decoder and the output projection tied to the embeddings) and differs only in the decoder
+  input. Targets are the content y_1..y_T without <s>/</s> (`nat_core.content_targets`);
+  position t predicts y_t.
 - Masked positions are given by a separate bool tensor `masked` (B*r, T), True = masked, not by a
   magic vocabulary id: the vocabulary and the tied output layer stay as they are, and the model
   can never emit [MASK]. The decoder input of a masked position is one learned vector
@@ -15,7 +16,7 @@ Choices (documented once, here):
   tgt_ids holds at masked positions is ignored. `masked=None` masks every position.
 - Training (CMLM objective): per sentence, n_b ~ Uniform{1..T_b} (0 for an empty target), then
   n_b of the T_b positions uniformly without replacement; token NLL (optionally label-smoothed,
-  as `codat.nat.nat_loss`) on the masked positions only, averaged over all masked tokens of the
+  as `nat_core.nat_loss`) on the masked positions only, averaged over all masked tokens of the
   batch, plus length_weight * the length cross-entropy (targets clamped to max_length).
 - Validation (`cmlm_sentence_loss`): every position masked (deterministic), the per-sentence
   mean NLL of the content tokens; this is the model's iteration-0 prediction.
@@ -28,39 +29,85 @@ Choices (documented once, here):
   the paper's probabilities. Nothing is banned: a special id predicted at a position is dropped
   from the final output (as the other NAT decoders do), the output is left-aligned and PAD_ID
   padded.
-- Log-softmax is in at least float32 (`codat.nat._log_softmax`), so bf16 autocast is safe.
+- Log-softmax is in at least float32 (`objectives.log_softmax_fp32`), so bf16 autocast is safe.
   Decoding and validation run without grad in the model's current mode (callers call .eval()).
+- model.arch cmlm trains with `cmlm_step` and decodes with `mask_predict_decoder`.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from codat.config import ModelConfig
+from codat.config import DecodeConfig, ModelConfig, RunConfig
 from codat.data import PAD_ID, Batch
-from codat.nat import (
+from codat.layers import bert_init
+from codat.nat_core import (
     NatEncoded,
     NatOutput,
-    NpdSamples,
-    VanillaNAT,
-    _log_softmax,
     content_targets,
+    decode_nat,
+    encode_source,
     nat_loss,
-    pick_best_npd,
+    nat_modules,
+    pooled_length_logits,
     repeat_encoded,
 )
+from codat.npd import NpdSamples, pick_best_npd
+from codat.objectives import log_softmax_fp32
 
 
-class CMLM(VanillaNAT):
-    """Ghazvininejad et al. (2019) CMLM: a VanillaNAT whose decoder reads the partially masked
-    target (token embeddings, a learned [MASK] vector at masked positions) instead of the copied
-    source."""
+class CMLM(nn.Module):
+    """Ghazvininejad et al. (2019) CMLM: VanillaNAT's layers, with a decoder that reads the
+    partially masked target (token embeddings, a learned [MASK] vector at masked positions)
+    instead of the copied source."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg, max_length=cfg.max_length)
+        super().__init__()
+        self.cfg, self.max_length = cfg, cfg.max_length
+        (
+            self.embed,  # shared by the encoder, the decoder inputs and the output projection
+            self.encoder,
+            self.length_head,
+            self.positions,
+            self.decoder_layers,
+            self.drop,
+        ) = nat_modules(cfg)
+        self.apply(bert_init)
         self.mask_embed = nn.Parameter(torch.empty(cfg.dim))
         nn.init.normal_(self.mask_embed, mean=0.0, std=0.02)
+
+    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The source lengths: what a decoding batch is sized by."""
+        return src_lens
+
+    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The longest trainable <s> y </s>: the length head's max_length content tokens + 2."""
+        return torch.full_like(src_lens, self.max_length + 2)
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> NatEncoded:
+        return encode_source(self.encoder, src_ids, src_lens)
+
+    def length_logits(self, enc: NatEncoded) -> torch.Tensor:  # (B, max_length + 1)
+        """Scores of the content length T from the mean of the valid encoder states."""
+        return pooled_length_logits(self.length_head, enc)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # (R, T, D)
+        """Token embeddings scaled by sqrt(D), as the encoder scales them."""
+        return self.embed(ids) * self.encoder.scale
+
+    def decode(
+        self,
+        enc: NatEncoded,  # R rows
+        tgt_lens: torch.Tensor,  # (R,)
+        dec_inputs: torch.Tensor,  # (R, T, D)
+    ) -> torch.Tensor:  # (R, T, V)
+        return decode_nat(
+            self.decoder_layers, self.positions, self.drop, self.embed.weight, enc, tgt_lens,
+            dec_inputs,
+        )  # fmt: skip
 
     def masked_inputs(
         self,
@@ -80,7 +127,7 @@ class CMLM(VanillaNAT):
             )
         return torch.where(masked.unsqueeze(-1), mask_vec, tokens)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         src_ids: torch.Tensor,  # (B, S)
         src_lens: torch.Tensor,  # (B,) counting </s>
@@ -129,8 +176,7 @@ def random_masks(
 
 
 def cmlm_training_loss(
-    model: nn.Module,  # CMLM, possibly DDP-wrapped
-    core: CMLM,  # the unwrapped module
+    model: CMLM,
     batch: Batch,
     *,
     generator: torch.Generator | None,
@@ -150,7 +196,7 @@ def cmlm_training_loss(
         tgt_ids,
         masked,
         out.length_logits,
-        tgt_lens.clamp(max=core.max_length),
+        tgt_lens.clamp(max=model.max_length),
         length_weight=length_weight,
         label_smoothing=label_smoothing,
     )
@@ -162,13 +208,32 @@ def cmlm_training_loss(
     return loss.loss, stats
 
 
+def cmlm_step(
+    model: CMLM,
+    batch: Batch,
+    *,
+    cfg: RunConfig,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CMLM's loss of one micro-batch (`cmlm_training_loss` with train.label_smoothing) and its
+    stats; CMLM does not glance (`ratio` is ignored)."""
+    with autocast:
+        return cmlm_training_loss(
+            model, batch, generator=generator, label_smoothing=cfg.train.label_smoothing
+        )
+
+
 @torch.no_grad()
-def cmlm_sentence_loss(core: CMLM, batch: Batch) -> torch.Tensor:  # (B,) float32
+def cmlm_sentence_loss(model: CMLM, batch: Batch) -> torch.Tensor:  # (B,) float32
     """Validation: every position masked, the mean NLL of each sentence's content tokens (0 for
     an empty target). No length term; no grad; the model's current mode."""
     tgt_ids, tgt_lens = content_targets(batch.tgt_ids, batch.tgt_lens)  # (B, T), (B,)
-    out = core(batch.src_ids, batch.src_lens, tgt_ids, tgt_lens, None)
-    nll = -_log_softmax(out.token_logits).gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    out = model(batch.src_ids, batch.src_lens, tgt_ids, tgt_lens, None)
+    nll = (
+        -log_softmax_fp32(out.token_logits).gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)
+    )  # (B, T)
     return (nll * out.out_mask).sum(1) / tgt_lens.clamp(min=1)
 
 
@@ -177,20 +242,20 @@ def cmlm_sentence_loss(core: CMLM, batch: Batch) -> torch.Tensor:  # (B,) float3
 
 
 def _predict(
-    core: CMLM,
+    model: CMLM,
     enc: NatEncoded,  # R rows
     tokens: torch.Tensor,  # (R, T)
     lens: torch.Tensor,  # (R,)
     masked: torch.Tensor,  # (R, T) bool
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (R, T) argmax ids, (R, T) their log-probs (float32+)
-    logits = core.decode(enc, lens, core.masked_inputs(tokens, masked))
-    logp, ids = _log_softmax(logits).max(dim=-1)
+    logits = model.decode(enc, lens, model.masked_inputs(tokens, masked))
+    logp, ids = log_softmax_fp32(logits).max(dim=-1)
     return ids, logp
 
 
 @torch.no_grad()
 def mask_predict(
-    core: CMLM,
+    model: CMLM,
     src_ids: torch.Tensor,  # (B, S)
     src_lens: torch.Tensor,  # (B,)
     *,
@@ -199,16 +264,16 @@ def mask_predict(
 ) -> torch.Tensor:  # (B, T') ids, specials removed, left-aligned, PAD_ID padded, T' >= 1
     """Mask-predict (Ghazvininejad et al. 2019, §3): see the module docstring. One encoder pass,
     then `iterations` decoder passes over all B * length_beam candidates at once."""
-    if iterations < 1 or not 1 <= length_beam <= core.max_length:
+    if iterations < 1 or not 1 <= length_beam <= model.max_length:
         raise ValueError(
-            f"need iterations >= 1 and 1 <= length_beam <= max_length={core.max_length}, got "
+            f"need iterations >= 1 and 1 <= length_beam <= max_length={model.max_length}, got "
             f"iterations={iterations}, length_beam={length_beam}"
         )
     B, l = src_ids.shape[0], length_beam
     if B == 0:
         return torch.full((0, 1), PAD_ID, dtype=torch.long, device=src_ids.device)
-    enc = core.encode(src_ids, src_lens)
-    length_logits = core.length_logits(enc).float()  # (B, C)
+    enc = model.encode(src_ids, src_lens)
+    length_logits = model.length_logits(enc).float()  # (B, C)
     length_logits[:, 0] = float("-inf")  # a candidate needs >= 1 position
     cand_lens = length_logits.topk(l, dim=-1).indices  # (B, l), likeliest first
     lens = cand_lens.reshape(B * l)  # (R,), row b*l + j = sentence b, j-th length
@@ -216,7 +281,7 @@ def mask_predict(
     T = int(lens.max())
     valid = torch.arange(T, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)  # (R, T)
     tokens = torch.full((B * l, T), PAD_ID, dtype=torch.long, device=lens.device)  # (R, T)
-    tokens, logp = _predict(core, enc, tokens, lens, valid)  # iteration 0: all masked
+    tokens, logp = _predict(model, enc, tokens, lens, valid)  # iteration 0: all masked
     tokens = tokens.masked_fill(~valid, PAD_ID)
     logp = logp.masked_fill(~valid, 0.0)
     positions = torch.arange(T, device=lens.device).expand(B * l, T)
@@ -227,9 +292,23 @@ def mask_predict(
         order = torch.sort(key, dim=1, stable=True).indices  # (R, T)
         rank = torch.empty_like(order).scatter_(1, order, positions)
         masked = valid & (rank < count.unsqueeze(1))  # (R, T)
-        new_tokens, new_logp = _predict(core, enc, tokens, lens, masked)
+        new_tokens, new_logp = _predict(model, enc, tokens, lens, masked)
         tokens = torch.where(masked, new_tokens, tokens)
         logp = torch.where(masked, new_logp, logp)
     sums = logp.sum(1)  # (R,)
     samples = NpdSamples(tokens.view(B, l, T), cand_lens, (sums / lens).view(B, l), sums.view(B, l))
     return pick_best_npd(samples)
+
+
+@torch.no_grad()
+def mask_predict_decoder(
+    model: CMLM,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """`mask_predict` with dc.iterations and dc.length_beam (deterministic: no generator)."""
+    return mask_predict(
+        model, src_ids, src_lens, iterations=dc.iterations, length_beam=dc.length_beam
+    )

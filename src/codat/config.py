@@ -158,9 +158,10 @@ class CodatConfig:
             raise ValueError(
                 f"codat.samples={self.samples} must be >= 2 and codat.keep={self.keep} in (0, 1]"
             )
-        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_tokens < 1:
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_tokens < 1:
             raise ValueError(
-                "codat.temperature must be > 0, codat.top_p in (0, 1] and codat.top_tokens >= 1"
+                "codat.temperature must be >= 0 (0 = the argmax walk), codat.top_p in (0, 1] "
+                "and codat.top_tokens >= 1"
             )
         if self.reward_samples < 1 or self.alpha < 0 or self.noise < 0:
             raise ValueError("codat.reward_samples must be >= 1, codat.alpha and codat.noise >= 0")

@@ -1,36 +1,181 @@
-"""`codat generate` and the Python API: load a checkpoint directory, decode text or id batches."""
+"""Decoding: the `DECODERS[arch][name]` choice point, batched decoding of id sequences, and the
+Python API (`codat.load(run_dir).generate([...])`); `codat generate` and `codat distill` call it.
+
+Every decoder has one signature, `decoder(model, src_ids (B, S), src_lens (B,), dc, generator)
+-> (B, T)` ids without specials, PAD_ID padded, computed without grad in the model's current mode.
+The DAT decoders are here; each baseline's decoders live in its model file.
+"""
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 import sentencepiece as spm
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from codat.checkpoint import load_checkpoint_config, load_weights
-from codat.config import ARCHS, DecodeConfig
-from codat.data import EOS_ID, PAD_ID, token_batches
-from codat.families import DAT_DECODERS, FAMILIES, draw_samples, family, family_of
+from codat.checkpoint import load_model
+from codat.cmlm import mask_predict_decoder
+from codat.config import DecodeConfig
+from codat.ctc import ctc_greedy_decoder
+from codat.dat import DagOutput
+from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, token_batches
+from codat.decode import (
+    DagSamples,
+    greedy_decode,
+    joint_viterbi_decode,
+    lookahead_decode,
+    pick_best,
+    rerank_scores,
+    sample_dag,
+)
+from codat.nat import nat_argmax_decoder, nat_npd_decoder
+from codat.objectives import log_softmax_fp32
+from codat.prepare import read_lines
+from codat.transformer import at_beam_decoder, at_greedy_decoder
 
-__all__ = ["DAT_DECODERS", "Translator", "draw_samples", "translate_ids"]
+Decoder = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, DecodeConfig, torch.Generator | None], torch.Tensor
+]
+
+
+def dat_lookahead_decoder(
+    model: nn.Module,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """Lookahead: follow argmax_j log E[a, j] + lookahead_token_weight * max_v log P(v | j)."""
+    out = model(src_ids, src_lens)
+    return lookahead_decode(
+        log_softmax_fp32(out.token_logits),
+        out.trans_logp,
+        out.graph_lens,
+        beta=dc.lookahead_token_weight,
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+    )
+
+
+def dat_greedy_decoder(
+    model: nn.Module,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """Greedy: follow the most likely transition, emit each vertex's argmax token."""
+    out = model(src_ids, src_lens)
+    return greedy_decode(
+        log_softmax_fp32(out.token_logits),
+        out.trans_logp,
+        out.graph_lens,
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+    )
+
+
+def dat_viterbi_decoder(
+    model: nn.Module,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """Joint Viterbi: the best (path, tokens) pair, score / length ** viterbi_length_exponent."""
+    out = model(src_ids, src_lens)
+    return joint_viterbi_decode(
+        log_softmax_fp32(out.token_logits),
+        out.trans_logp,
+        out.graph_lens,
+        length_beta=dc.viterbi_length_exponent,
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+    )
+
+
+def draw_samples(out: DagOutput, dc: DecodeConfig, generator: torch.Generator | None) -> DagSamples:
+    """K = dc.samples paths per sentence (CoDAT Algorithms 2/3) with dc's temperature, top_p and
+    top_tokens."""
+    return sample_dag(
+        log_softmax_fp32(out.token_logits),
+        out.trans_logp,
+        out.graph_lens,
+        num_samples=dc.samples,
+        temperature=dc.temperature,
+        top_p=dc.top_p,
+        top_tokens=dc.top_tokens,
+        generator=generator,
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+    )
+
+
+def dat_sample_decoder(
+    model: nn.Module,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """CoDAT's inference: K samples, the best by w * token score + (1 - w) * transition score,
+    each length-normalised, w = dc.rerank_token_weight."""
+    samples = draw_samples(model(src_ids, src_lens), dc, generator)
+    scores = rerank_scores(samples, beta=dc.rerank_token_weight)
+    return pick_best(samples, scores, pad_id=PAD_ID)
+
+
+# The decoders of each model.arch; the first one is the default (DecodeConfig.decoder '').
+DECODERS: dict[str, dict[str, Decoder]] = {
+    "dat": {
+        "lookahead": dat_lookahead_decoder,
+        "greedy": dat_greedy_decoder,
+        "viterbi": dat_viterbi_decoder,
+        "sample": dat_sample_decoder,
+    },
+    "at": {"beam": at_beam_decoder, "greedy": at_greedy_decoder},
+    "nat": {"argmax": nat_argmax_decoder, "npd": nat_npd_decoder},
+    "glat": {"argmax": nat_argmax_decoder, "npd": nat_npd_decoder},
+    "ctc": {"greedy": ctc_greedy_decoder},
+    "cmlm": {"mask-predict": mask_predict_decoder},
+}
+
+
+def decoder_for(arch: str, name: str) -> Decoder:
+    """The decoder `name` of model.arch `arch` ('' = its default), or a ValueError naming the
+    choices."""
+    if arch not in DECODERS:
+        raise ValueError(f"model.arch='{arch}' has no decoders (have {', '.join(DECODERS)})")
+    choices = DECODERS[arch]
+    name = name or next(iter(choices))
+    if name not in choices:
+        raise ValueError(
+            f"decoder '{name}' does not apply to model.arch={arch} "
+            f"(choose from {', '.join(choices)})"
+        )
+    return choices[name]
 
 
 def batch_sources(
-    sources: list[torch.Tensor], model: torch.nn.Module, max_tokens: int
+    sources: list[torch.Tensor], model: nn.Module, max_tokens: int
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[list[int]]]:
-    """Truncate to the model's limit, bucket by graph size: (sources, lengths + </s>, batches)."""
+    """Truncate to the model's source limit and bucket by the decoder positions each source
+    needs (`model.output_lengths`): (sources, lengths counting </s>, batches of indices)."""
     max_src = model.cfg.max_source_positions
     sources = [s[: max_src - 1] for s in sources]
     lens = torch.tensor([len(s) + 1 for s in sources], dtype=torch.long)
-    graph = torch.floor(lens.double() * model.cfg.upsample_scale).long()
-    return sources, lens, token_batches(graph, max_tokens=max_tokens, shuffle=False)
+    sizes = model.output_lengths(lens)
+    return sources, lens, token_batches(sizes, max_tokens=max_tokens, shuffle=False)
 
 
-def source_tensor(sources: list[torch.Tensor], lens: torch.Tensor, idx: list[int]) -> torch.Tensor:
+def source_tensor(
+    sources: list[torch.Tensor], lens: torch.Tensor, idx: list[int]
+) -> torch.Tensor:  # (B, S)
     """The padded, </s>-terminated source batch of the examples `idx`."""
     src = torch.full((len(idx), int(lens[idx].max())), PAD_ID, dtype=torch.long)
     for row, i in enumerate(idx):
@@ -41,15 +186,15 @@ def source_tensor(sources: list[torch.Tensor], lens: torch.Tensor, idx: list[int
 
 @torch.no_grad()
 def translate_ids(
-    model: torch.nn.Module,  # any family's model (its cfg.arch picks the decoders)
+    model: nn.Module,  # any arch's model; its cfg.arch picks the decoder
     sources: list[torch.Tensor],  # each 1-D ids without </s>
     dc: DecodeConfig,
     *,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> list[list[int]]:
-    """Decode id sequences in token-bucketed batches; results come back in input order."""
-    decoder = family_of(model).decoder(dc.decoder)
+    """Decode id sequences in token-bucketed batches (eval mode); results in input order."""
+    decoder = decoder_for(model.cfg.arch, dc.decoder)
     was_training = model.training
     model.eval()
     sources, lens, batches = batch_sources(sources, model, dc.max_tokens)
@@ -64,51 +209,6 @@ def translate_ids(
     return results
 
 
-class Translator:
-    """A trained model with its tokenizer: `codat.load(run_dir).generate(["ein Satz ."])`."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        sp: spm.SentencePieceProcessor,
-        decode: DecodeConfig,
-        device: torch.device | str,
-    ) -> None:
-        self.model, self.sp, self.decode_cfg, self.device = model, sp, decode, device
-
-    @classmethod
-    def from_dir(cls, path: str | pathlib.Path, *, device: str = "cpu") -> Translator:
-        path = resolve_checkpoint(path)
-        cfg = load_checkpoint_config(path)
-        model = family(cfg.model.arch).build(cfg.model)
-        load_weights(path, model, device)
-        model.to(device).eval()
-        sp = spm.SentencePieceProcessor(model_file=str(path / "spm.model"))
-        return cls(model, sp, cfg.decode, device)
-
-    def generate(
-        self,
-        sentences: list[str],
-        *,
-        decoder: str | None = None,
-        beta: float | None = None,
-        progress: bool = False,
-        **decode_options,
-    ) -> list[str]:
-        """Decode sentences. `beta` is the lookahead token weight, or for `sample` the rerank
-        weight; other `DecodeConfig` fields (samples, temperature, top_p, ...) pass by name."""
-        dc = replace(self.decode_cfg, **decode_options)
-        dc = replace(dc, decoder=decoder or dc.decoder)
-        if beta is not None:
-            dc = replace(dc, **{"sample_beta" if dc.decoder == "sample" else "beta": beta})
-        ids = [
-            torch.tensor(x, dtype=torch.long)
-            for x in self.sp.encode([s.strip() for s in sentences])
-        ]
-        out = translate_ids(self.model, ids, dc, device=self.device, progress=progress)
-        return [self.sp.decode(x) for x in out]
-
-
 def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     """Accept a checkpoint directory or a run directory (then its `best` checkpoint)."""
     path = pathlib.Path(path)
@@ -121,107 +221,82 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="codat generate", description="Translate text with a trained model."
-    )
-    p.add_argument(
-        "run_dir", help="run directory (uses its best/ checkpoint) or checkpoint directory"
-    )
-    p.add_argument(
-        "--input", "-i", default="-", help="source text file, one sentence per line (- = stdin)"
-    )
-    p.add_argument("--output", "-o", default="-", help="output file (- = stdout)")
-    names = sorted({n for arch in ARCHS if arch in FAMILIES for n in FAMILIES[arch].decoders})
-    p.add_argument(
-        "--decoder",
-        choices=names,
-        default=None,
-        help="default: the run's config; dat: lookahead greedy viterbi sample; at: beam greedy; "
-        "nat: argmax npd; ctc: greedy; cmlm: mask-predict",
-    )
-    p.add_argument(
-        "--beta",
-        type=float,
-        default=None,
-        help="lookahead: token-score weight; sample: rerank weight of the token score",
-    )
-    p.add_argument("--samples", type=int, default=None, help="sample: hypotheses per sentence")
-    p.add_argument("--temperature", type=float, default=None, help="sample: temperature")
-    p.add_argument("--top-p", type=float, default=None, help="sample: top-p of each step")
-    p.add_argument("--top-tokens", type=int, default=None, help="sample: tokens per vertex")
-    p.add_argument("--seed", type=int, default=None, help="sample / npd: random seed")
-    p.add_argument("--beam", type=int, default=None, help="at: beam size")
-    p.add_argument("--length-penalty", type=float, default=None, help="at: beam length penalty")
-    p.add_argument("--length-beam", type=int, default=None, help="nat / cmlm: lengths tried")
-    p.add_argument("--noise", type=float, default=None, help="npd: std of the input noise")
-    p.add_argument("--iterations", type=int, default=None, help="cmlm: mask-predict iterations")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    translator = Translator.from_dir(a.run_dir, device=a.device)
-    if a.input == "-":
+class Translator:
+    """A trained model with its tokenizer and the run's decoding settings:
+    `codat.load(run_dir).generate(["ein Satz ."])`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sp: spm.SentencePieceProcessor,
+        decode: DecodeConfig,
+        device: torch.device | str,
+    ) -> None:
+        self.model, self.sp, self.decode_cfg, self.device = model, sp, decode, device
+
+    @classmethod
+    def from_dir(cls, path: str | pathlib.Path, *, device: str = "cpu") -> Translator:
+        """Load a checkpoint directory, or a run directory's best/ checkpoint."""
+        path = resolve_checkpoint(path)
+        model, cfg = load_model(path, device)
+        sp = spm.SentencePieceProcessor(model_file=str(path / "spm.model"))
+        return cls(model, sp, cfg.decode, device)
+
+    def settings(self, decoder: str = "") -> DecodeConfig:
+        """The run's decoding settings, with another decoder when `decoder` is given."""
+        return replace(self.decode_cfg, decoder=decoder or self.decode_cfg.decoder)
+
+    def generate(
+        self,
+        sentences: list[str],
+        decode: DecodeConfig | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[str]:
+        """Translate sentences with `decode` (default: the run's settings, `self.decode_cfg`);
+        e.g. `t.generate(s, replace(t.decode_cfg, decoder="sample", rerank_token_weight=0.3))`."""
+        dc = self.decode_cfg if decode is None else decode
+        ids = [
+            torch.tensor(x, dtype=torch.long)
+            for x in self.sp.encode([s.strip() for s in sentences])
+        ]
+        out = translate_ids(self.model, ids, dc, device=self.device, progress=progress)
+        return [self.sp.decode(x) for x in out]
+
+
+def translate_file(
+    translator: Translator,
+    src: str | pathlib.Path,
+    out: str | pathlib.Path,
+    decode: DecodeConfig | None = None,
+) -> int:
+    """Translate a text file, one sentence per line, into `out` ("-": stdin / stdout); returns
+    the number of sentences."""
+    if str(src) == "-":
         lines = sys.stdin.read().splitlines()
     else:
-        lines = pathlib.Path(a.input).read_text(encoding="utf-8").splitlines()
-    options = {
-        k: v
-        for k, v in (
-            ("samples", a.samples),
-            ("temperature", a.temperature),
-            ("top_p", a.top_p),
-            ("top_tokens", a.top_tokens),
-            ("seed", a.seed),
-            ("beam", a.beam),
-            ("length_penalty", a.length_penalty),
-            ("length_beam", a.length_beam),
-            ("noise", a.noise),
-            ("iterations", a.iterations),
-        )
-        if v is not None
-    }
-    hyps = translator.generate(
-        lines, decoder=a.decoder, beta=a.beta, progress=a.output != "-", **options
-    )
+        lines = pathlib.Path(src).read_text(encoding="utf-8").splitlines()
+    hyps = translator.generate(lines, decode, progress=str(out) != "-")
     text = "".join(h + "\n" for h in hyps)
-    if a.output == "-":
+    if str(out) == "-":
         sys.stdout.write(text)
     else:
-        pathlib.Path(a.output).write_text(text, encoding="utf-8")
-    return 0
+        pathlib.Path(out).write_text(text, encoding="utf-8")
+    return len(hyps)
 
 
-def main_distill(argv: list[str] | None = None) -> int:
-    """`codat distill RUN_DIR SRC OUT`: sequence-level knowledge distillation (Kim & Rush, 2016).
-
-    Decodes every line of SRC (plain or .gz) with the run's model -- by default an AT with beam
-    search -- and writes the outputs to OUT, line for line, atomically (a temporary sibling renamed
-    into place), so that `codat prepare` can pair SRC with OUT as a distilled training set.
-    """
-    from codat.prepare import read_lines
-
-    p = argparse.ArgumentParser(
-        prog="codat distill",
-        description="Decode a training source file with a trained model (sequence-level KD).",
-    )
-    p.add_argument("run_dir", help="run or checkpoint directory of the teacher (usually an AT)")
-    p.add_argument("src", help="source sentences, one per line (.gz allowed)")
-    p.add_argument("out", help="distilled target file to write")
-    p.add_argument("--decoder", default=None, help="default: the run's config (AT: beam)")
-    p.add_argument("--beam", type=int, default=None, help="at: beam size")
-    p.add_argument("--max-tokens", type=int, default=None, help="decoding batch size in tokens")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    lines = read_lines(pathlib.Path(a.src))  # errors name the file (and line)
-    translator = Translator.from_dir(a.run_dir, device=a.device)
-    options = {k: v for k, v in (("beam", a.beam), ("max_tokens", a.max_tokens)) if v is not None}
-    hyps = translator.generate(lines, decoder=a.decoder, progress=True, **options)
-    out = pathlib.Path(a.out)
+def distill(
+    translator: Translator,
+    src: str | pathlib.Path,
+    out: str | pathlib.Path,
+    decode: DecodeConfig | None = None,
+) -> int:
+    """Sequence-level knowledge distillation (Kim & Rush, 2016): decode every line of `src`
+    (plain or .gz) and write the outputs to `out`, line for line, atomically (a temporary sibling
+    renamed into place). Returns the number of sentences."""
+    lines = read_lines(pathlib.Path(src))  # errors name the file (and line)
+    hyps = translator.generate(lines, decode, progress=True)
+    out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -229,5 +304,4 @@ def main_distill(argv: list[str] | None = None) -> int:
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"distilled {len(hyps)} sentences -> {out}", file=sys.stderr)
-    return 0
+    return len(hyps)

@@ -1,14 +1,14 @@
-"""Corpus metrics through sacreBLEU (`codat score HYP REF`)."""
+"""Corpus metrics through sacreBLEU: validation BLEU, `codat score HYP REF`, analyze/tune-beta."""
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import sacrebleu
 
 
-def read_text(path: str) -> list[str]:
+def read_text(path: str | pathlib.Path) -> list[str]:
+    """The lines of a UTF-8 text file; a missing file or invalid UTF-8 raises naming the file."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"file not found: {path}")
@@ -21,22 +21,18 @@ def read_text(path: str) -> list[str]:
 def corpus_bleu(
     hyps: list[str], refs: list[str], *, tokenize: str = "13a"
 ) -> sacrebleu.metrics.bleu.BLEUScore:
+    """Corpus sacreBLEU of detokenised hypotheses against one reference each."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses vs {len(refs)} references")
     return sacrebleu.corpus_bleu(hyps, [refs], tokenize=tokenize)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="codat score", description="sacreBLEU of HYP against REF.")
-    p.add_argument("hyp")
-    p.add_argument("ref")
-    p.add_argument("--tokenize", default="13a")
-    a = p.parse_args(argv)
-    hyps, refs = read_text(a.hyp), read_text(a.ref)
+def score_files(
+    hyp: str | pathlib.Path, ref: str | pathlib.Path, *, tokenize: str = "13a"
+) -> tuple[sacrebleu.metrics.bleu.BLEUScore, str]:
+    """Corpus sacreBLEU of the hypothesis file against the reference file, and its signature."""
+    hyps, refs = read_text(hyp), read_text(ref)
     if len(hyps) != len(refs):
-        raise ValueError(f"{a.hyp} has {len(hyps)} lines but {a.ref} has {len(refs)}")
-    bleu = sacrebleu.metrics.BLEU(tokenize=a.tokenize)
-    score = bleu.corpus_score(hyps, [refs])
-    print(score)
-    print(f"signature: {bleu.get_signature()}")
-    return 0
+        raise ValueError(f"{hyp} has {len(hyps)} lines but {ref} has {len(refs)}")
+    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    return bleu.corpus_score(hyps, [refs]), str(bleu.get_signature())

@@ -1,106 +1,88 @@
 """Vanilla NAT (Gu et al. 2018) and GLAT (Qian et al. 2021) baselines with noisy parallel
 decoding (NPD), so that CoDAT's ranking losses can be trained on a vanilla NAT (CoDAT §3.3,
-Table 2: GLAT + constraints on NPD samples).
+Table 2: GLAT + constraints on NPD samples). model.arch nat trains with `nat_step` (never
+glances), glat with `glat_step`; both decode with `nat_argmax_decoder` / `nat_npd_decoder`.
 
-Choices (documented once, here):
-- The decoder emits the target *content* y_1..y_T, without <s>/</s>: position t predicts y_t.
-  `content_targets` turns a `Batch`'s `<s> y </s>` into that form. The length head predicts T
-  (classes 0..max_length) from the mean-pooled encoder states (fairseq NAT's `embed_length`).
+Choices (documented once, here; the shared ones in `codat.nat_core`):
 - Decoder input = "uniform copy" of the source embeddings (Gu et al. 2018, "Decoder Inputs"): t of T
   takes source content token round(t * (S'-1) / (T-1)), S' = source length without </s> (the
   </s> itself only when the source is empty), rounding half up; plus learned decoder positions.
 - Output = the argmax token of every position. Vanilla NAT does not collapse repeats; `dedup`
   optionally removes consecutive duplicates. Specials (<pad>, <s>, </s>) are dropped from the
   final output, as the DAT decoders do.
-- GLAT (Qian et al. 2021): reveal N = floor(ratio * d + 0.5) reference tokens, d = Hamming
-  distance of pass 1's argmax to the reference, at positions drawn uniformly at random; the loss
-  covers only the other positions. GLAT's code truncates (N = long(ratio * d)); we round as
-  codat's DAT glancing does (`codat.glancing.choose_glanced`). The ratio is annealed with
-  `codat.glancing.glance_ratio`.
-- NPD: K candidates per sentence, `length_beam` predicted lengths x `k` draws of Gaussian noise
-  N(0, sigma^2) added to the decoder input embeddings (the paper's "Gaussian noise on the word
-  embedding layer"), all in one batched decoder pass; each candidate is rescored without noise
-  by its mean token log-prob (or by any external scores, e.g. an AR teacher as in Gu et al.).
-
-The model only maps tensors to tensors; losses, glancing and decoding are the free functions below.
+- GLAT: pass 1 (no grad) predicts from the copied source, `nat_core.glancing_reveal` picks the
+  positions whose decoder inputs become the reference embeddings; the loss covers only the other
+  positions; pass 2 replays pass 1's dropout masks (`glancing.replay_rng`). The ratio is annealed
+  with `codat.glancing.glance_ratio`.
+- Decoding and CoDAT's candidates: noisy parallel decoding (`codat.npd`).
+- CoDAT on NPD samples (`nat_codat_term`): sample (NPD, codat.noise) -> reward (sentence BLEU) ->
+  select (`selection`) -> score (`nat_sample_scores`, with grad) -> `objectives.sample_loss`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from codat.config import ModelConfig
-from codat.data import PAD_ID, SPECIAL_IDS, Batch
-from codat.decode import collapse_tokens
-from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
-
-
-class NatOutput(NamedTuple):
-    token_logits: torch.Tensor  # (B*r, T, V), r = repeats
-    length_logits: torch.Tensor  # (B, max_length + 1)
-    out_mask: torch.Tensor  # (B*r, T) bool, True = t < T_b
-
-
-class NatEncoded(NamedTuple):
-    states: torch.Tensor  # (B, S, D)
-    src_mask: torch.Tensor  # (B, S) bool
-    src_ids: torch.Tensor  # (B, S)
-    src_lens: torch.Tensor  # (B,)
-
-
-def uniform_copy_indices(
-    src_lens: torch.Tensor,  # (B,) source lengths counting </s>
-    tgt_lens: torch.Tensor,  # (B,) decoder lengths T_b
-    width: int,
-) -> torch.Tensor:  # (B, width) long
-    """Gu et al. (2018) uniform copy: decoder position t of T_b reads source position
-    floor(t * (m_b - 1) / (T_b - 1) + 1/2), m_b = max(S_b - 1, 1) real tokens without </s>.
-
-    Exact integer arithmetic; T_b = 1 reads position 0; positions t >= T_b read 0 (padding).
-    """
-    t = torch.arange(width, device=src_lens.device).unsqueeze(0)  # (1, width)
-    m = (src_lens - 1).clamp(min=1).unsqueeze(1)
-    den = (tgt_lens - 1).clamp(min=1).unsqueeze(1)
-    idx = (2 * t * (m - 1) + den) // (2 * den)
-    return idx.masked_fill(t >= tgt_lens.unsqueeze(1), 0)
-
-
-def repeat_encoded(enc: NatEncoded, k: int) -> NatEncoded:
-    """Each sentence's encoding k times in a row: row b*k + j is sentence b."""
-    return NatEncoded(*(x.repeat_interleave(k, dim=0) for x in enc))
+from codat.config import CodatConfig, DecodeConfig, ModelConfig, RunConfig
+from codat.dat_train import sample_stats
+from codat.data import PAD_ID, Batch
+from codat.glancing import replay_rng
+from codat.layers import bert_init
+from codat.nat_core import (
+    NatEncoded,
+    NatLoss,
+    NatOutput,
+    content_targets,
+    decode_nat,
+    encode_source,
+    glancing_reveal,
+    nat_loss,
+    nat_modules,
+    pooled_length_logits,
+    repeat_encoded,
+    token_logp_sums,
+    uniform_copy_indices,
+)
+from codat.npd import nat_decode, nat_sample_scores, npd_samples, pick_best_npd
+from codat.objectives import sample_loss
+from codat.rewards import sentence_bleu
+from codat.selection import choose_samples, dp_gate, duplicate_mask
 
 
 class VanillaNAT(nn.Module):
     """Gu et al. (2018) NAT without fertilities: shared embeddings, Encoder, length classifier,
     uniformly copied source embeddings as decoder input, bidirectional decoder, tied output."""
 
-    def __init__(self, cfg: ModelConfig, max_length: int = 256) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
-        self.cfg, self.max_length = cfg, max_length
-        D = cfg.dim
-        self.embed, self.encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
-        self.length_head = nn.Linear(D, max_length + 1)  # classes T = 0..max_length
-        self.positions = nn.Embedding(max_length, D)
-        self.decoder_layers = decoder_stack(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.cfg, self.max_length = cfg, cfg.max_length
+        (
+            self.embed,  # shared by the encoder, the decoder inputs and the output projection
+            self.encoder,
+            self.length_head,
+            self.positions,
+            self.decoder_layers,
+            self.drop,
+        ) = nat_modules(cfg)
         self.apply(bert_init)
 
+    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The source lengths: what a decoding batch is sized by."""
+        return src_lens
+
+    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The longest trainable <s> y </s>: the length head's max_length content tokens + 2."""
+        return torch.full_like(src_lens, self.max_length + 2)
+
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> NatEncoded:
-        S = src_ids.shape[1]
-        src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
-        return NatEncoded(self.encoder(src_ids, src_mask), src_mask, src_ids, src_lens)
+        return encode_source(self.encoder, src_ids, src_lens)
 
     def length_logits(self, enc: NatEncoded) -> torch.Tensor:  # (B, max_length + 1)
         """Scores of the content length T from the mean of the valid encoder states."""
-        mask = enc.src_mask.unsqueeze(-1).to(enc.states.dtype)
-        pooled = (enc.states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.length_head(pooled)
+        return pooled_length_logits(self.length_head, enc)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T, D)
         """Token embeddings scaled by sqrt(D), as the encoder scales them."""
@@ -124,18 +106,10 @@ class VanillaNAT(nn.Module):
         tgt_lens: torch.Tensor,  # (B,)
         dec_inputs: torch.Tensor,  # (B, T, D)
     ) -> torch.Tensor:  # (B, T, V)
-        B, T, _ = dec_inputs.shape
-        if T > self.max_length or int(tgt_lens.max()) > T:
-            raise ValueError(
-                f"decoder width {T} must cover the lengths (max {int(tgt_lens.max())}) and be "
-                f"<= max_length={self.max_length}"
-            )
-        pos = torch.arange(T, device=dec_inputs.device)
-        mask = pos.unsqueeze(0) < tgt_lens.clamp(min=1).unsqueeze(1)  # empty target: 1 key
-        x = self.drop(dec_inputs + self.positions(pos))
-        for layer in self.decoder_layers:
-            x = layer(x, mask, enc.states, enc.src_mask)
-        return x @ self.embed.weight.t()  # tied to the embeddings
+        return decode_nat(
+            self.decoder_layers, self.positions, self.drop, self.embed.weight, enc, tgt_lens,
+            dec_inputs,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -160,83 +134,11 @@ class VanillaNAT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: targets, loss, glancing
-
-
-class NatLoss(NamedTuple):
-    loss: torch.Tensor  # scalar: token + length_weight * length
-    token_nll: torch.Tensor  # scalar, detached
-    length_nll: torch.Tensor  # scalar, detached
-
-
-def content_targets(
-    tgt_ids: torch.Tensor,  # (B, N) <s> y </s>, PAD_ID padded
-    tgt_lens: torch.Tensor,  # (B,) counting <s> and </s>
-) -> tuple[torch.Tensor, torch.Tensor]:  # (B, max(N - 2, 1)), (B,)
-    """The reference content y (no <s>/</s>), PAD_ID padded, and its lengths N_b - 2."""
-    lens = tgt_lens - 2
-    width = max(tgt_ids.shape[1] - 2, 1)
-    body = tgt_ids[:, 1 : 1 + width]
-    if body.shape[1] < width:
-        body = F.pad(body, (0, width - body.shape[1]), value=PAD_ID)
-    pos = torch.arange(width, device=tgt_ids.device).unsqueeze(0)
-    return body.masked_fill(pos >= lens.unsqueeze(1), PAD_ID), lens
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over V in at least float32 (float32 under bf16 autocast, float64 stays)."""
-    return torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-
-
-def nat_loss(
-    token_logits: torch.Tensor,  # (B, T, V)
-    tgt_ids: torch.Tensor,  # (B, T) content ids
-    loss_mask: torch.Tensor,  # (B, T) bool: positions that are trained
-    length_logits: torch.Tensor,  # (B, C)
-    length_targets: torch.Tensor,  # (B,) in [0, C)
-    *,
-    length_weight: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> NatLoss:
-    """Gu et al. (2018) NAT loss: mean over the trained positions of the token NLL (optionally
-    label-smoothed, (1 - eps) * NLL + eps * mean_v(-log p_v), as fairseq NAT) plus
-    length_weight * the cross-entropy of the length classifier, averaged over sentences."""
-    C = length_logits.shape[1]
-    if length_targets.numel() and (int(length_targets.min()) < 0 or int(length_targets.max()) >= C):
-        raise ValueError(f"length targets must lie in [0, {C}), got {length_targets.tolist()}")
-    logp = _log_softmax(token_logits)  # (B, T, V)
-    nll = -logp.gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    if label_smoothing > 0:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
-    token = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    length = F.cross_entropy(length_logits.float(), length_targets)
-    return NatLoss(token + length_weight * length, token.detach(), length.detach())
-
-
-def glancing_reveal(
-    pred_ids: torch.Tensor,  # (B, T) pass-1 argmax
-    tgt_ids: torch.Tensor,  # (B, T)
-    tgt_lens: torch.Tensor,  # (B,)
-    *,
-    ratio: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:  # (B, T) bool
-    """GLAT's glancing sampling (Qian et al. 2021): reveal N_b = floor(ratio * d_b + 1/2) of the
-    T_b reference positions, uniformly at random; d_b = Hamming distance(prediction, reference)."""
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"glancing ratio must be in [0, 1], got {ratio}")
-    B, T = tgt_ids.shape
-    valid = torch.arange(T, device=tgt_ids.device).unsqueeze(0) < tgt_lens.unsqueeze(1)
-    hamming = ((pred_ids != tgt_ids) & valid).sum(1)
-    count = torch.floor(hamming.double() * ratio + 0.5).long()  # <= d_b <= T_b
-    noise = torch.rand((B, T), generator=generator, device=tgt_ids.device)
-    noise = noise.masked_fill(~valid, 2.0)  # padding sorts last
-    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each position among its row
-    return valid & (rank < count.unsqueeze(1))
+# Training: glancing, loss
 
 
 def glat_inputs(
-    model: VanillaNAT,  # the unwrapped module: pass 1 needs no DDP
+    model: VanillaNAT,
     src_ids: torch.Tensor,  # (B, S)
     src_lens: torch.Tensor,  # (B,)
     tgt_ids: torch.Tensor,  # (B, T) content ids
@@ -250,29 +152,23 @@ def glat_inputs(
     token embeddings. Returns the decoder inputs (with grad) and the loss mask (valid and not
     revealed: GLAT trains only the positions it did not reveal).
 
-    The global RNG is restored after pass 1, so pass 2 draws the same dropout masks (as codat's DAT
-    glancing does). ratio = 0 skips pass 1.
+    The global RNG is restored after pass 1 (`replay_rng`), so pass 2 draws the same dropout
+    masks. ratio = 0 skips pass 1.
     """
     T = tgt_ids.shape[1]
     valid = torch.arange(T, device=tgt_ids.device).unsqueeze(0) < tgt_lens.unsqueeze(1)
     copied = model.copy_inputs(src_ids, src_lens, tgt_lens, width=T)
     if ratio == 0:
         return copied, valid
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state() if src_ids.is_cuda else None
-    with torch.no_grad():
+    with replay_rng(src_ids.device), torch.no_grad():
         pred = model(src_ids, src_lens, tgt_lens, copied.detach()).token_logits.argmax(-1)
         reveal = glancing_reveal(pred, tgt_ids, tgt_lens, ratio=ratio, generator=generator)
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng)
     dec_inputs = torch.where(reveal.unsqueeze(-1), model.embed_tokens(tgt_ids), copied)
     return dec_inputs, valid & ~reveal
 
 
 def glat_loss(
-    model: nn.Module,  # possibly DDP-wrapped
-    core: VanillaNAT,  # the unwrapped module, for the no-grad glancing pass
+    model: VanillaNAT,
     batch: Batch,
     *,
     ratio: float,
@@ -284,7 +180,7 @@ def glat_loss(
     non-revealed content positions plus the length loss (targets clamped to max_length)."""
     tgt_ids, tgt_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
     dec_inputs, loss_mask = glat_inputs(
-        core, batch.src_ids, batch.src_lens, tgt_ids, tgt_lens, ratio=ratio, generator=generator
+        model, batch.src_ids, batch.src_lens, tgt_ids, tgt_lens, ratio=ratio, generator=generator
     )
     out = model(batch.src_ids, batch.src_lens, tgt_lens, dec_inputs)
     return nat_loss(
@@ -292,138 +188,177 @@ def glat_loss(
         tgt_ids,
         loss_mask,
         out.length_logits,
-        tgt_lens.clamp(max=core.max_length),
+        tgt_lens.clamp(max=model.max_length),
         length_weight=length_weight,
         label_smoothing=label_smoothing,
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding: length beam, noisy parallel decoding, candidate scores
+# The training steps, validation loss and CoDAT's term
 
 
-class NpdSamples(NamedTuple):
-    tokens: torch.Tensor  # (B, K, T) long: argmax token of each position, PAD_ID beyond length
-    lengths: torch.Tensor  # (B, K) long, >= 1
-    scores: torch.Tensor  # (B, K): token_logp_sums / lengths under the noise-free model
-    token_logp_sums: torch.Tensor  # (B, K): sum_t log p(y_t | x, T) under the noise-free model
-
-
-def token_logp_sums(
-    token_logits: torch.Tensor,  # (R, T, V)
-    tokens: torch.Tensor,  # (R, T)
-    lens: torch.Tensor,  # (R,)
-) -> torch.Tensor:  # (R,)
-    logp = _log_softmax(token_logits).gather(-1, tokens.unsqueeze(-1))
-    valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < lens.unsqueeze(1)
-    return (logp.squeeze(-1) * valid).sum(-1)
-
-
-def npd_samples(
+def glat_step(
     model: VanillaNAT,
-    src_ids: torch.Tensor,  # (B, S)
-    src_lens: torch.Tensor,  # (B,)
+    batch: Batch,
     *,
-    k: int,
-    sigma: float,
-    generator: torch.Generator | None,
-    length_beam: int = 1,
-) -> NpdSamples:  # K = length_beam * k candidates per sentence
-    """Noisy parallel decoding (Gu et al. 2018, "NPD"; CoDAT §3.3): for each of the `length_beam`
-    most likely lengths (length 0 excluded), `k` candidates decoded from the copied source
-    embeddings plus N(0, sigma^2) noise, all B*K in one decoder pass, argmax per position.
-    Candidate j uses the (j // k)-th length. Scores: mean token log-prob under the noise-free
-    decoder (a second pass when sigma > 0). Runs without grad, in the model's current mode.
-    """
-    if k < 1 or sigma < 0 or not 1 <= length_beam <= model.max_length:
-        raise ValueError(
-            f"need k >= 1, sigma >= 0 and 1 <= length_beam <= {model.max_length}, got k={k}, "
-            f"sigma={sigma}, length_beam={length_beam}"
+    cfg: RunConfig,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GLAT's loss of one micro-batch (`glat_loss` at the glancing ratio; stats "length_nll" and,
+    when it glances, "glance"); for train.objective codat / reward plus codat.weight times
+    `nat_codat_term` on NPD samples (CoDAT Table 2: GLAT + NPD)."""
+    with autocast:
+        result = glat_loss(
+            model,
+            batch,
+            ratio=ratio,
+            generator=generator,
+            label_smoothing=cfg.train.label_smoothing,
         )
-    B = src_ids.shape[0]
-    K = length_beam * k
-    with torch.no_grad():
-        enc = model.encode(src_ids, src_lens)
-        length_logits = model.length_logits(enc).float()
-        length_logits[:, 0] = float("-inf")  # a candidate needs >= 1 position
-        lens = length_logits.topk(length_beam, dim=-1).indices  # (B, l)
-        lens = lens.repeat_interleave(k, dim=1)  # (B, K)
-        flat_lens = lens.reshape(B * K)
-        enc = repeat_encoded(enc, K)
-        clean = model.copy_inputs(enc.src_ids, enc.src_lens, flat_lens)  # (B*K, T, D)
-        if sigma > 0:
-            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-            logits = model.decode(enc, flat_lens, clean + sigma * noise.to(clean.dtype))
-            tokens = logits.argmax(-1)
-            logits = model.decode(enc, flat_lens, clean)  # rescore without noise
-        else:
-            logits = model.decode(enc, flat_lens, clean)
-            tokens = logits.argmax(-1)
-        sums = token_logp_sums(logits, tokens, flat_lens)
-    T = tokens.shape[1]
-    pos = torch.arange(T, device=tokens.device).unsqueeze(0)
-    tokens = tokens.masked_fill(pos >= flat_lens.unsqueeze(1), PAD_ID)
-    return NpdSamples(tokens.view(B, K, T), lens, (sums / flat_lens).view(B, K), sums.view(B, K))
+    stats = {"length_nll": float(result.length_nll)}
+    if ratio > 0:
+        stats["glance"] = float(ratio)
+    objective = cfg.train.objective
+    if objective == "dp":
+        return result.loss, stats
+    stats["dp_loss"] = float(result.loss.detach())
+    term, term_stats = nat_codat_term(
+        model,
+        batch,
+        objective=objective,
+        codat=cfg.codat,
+        alpha=cfg.codat.gate(),
+        generator=generator,
+        autocast=autocast,
+    )
+    stats.update(term_stats)
+    return result.loss + cfg.codat.weight * term, stats
 
 
-def pick_best_npd(
-    samples: NpdSamples,
-    scores: torch.Tensor | None = None,  # (B, K) any scorer's scores; None = samples.scores
+def nat_step(
+    model: VanillaNAT,
+    batch: Batch,
     *,
-    dedup: bool = False,
-) -> torch.Tensor:  # (B, T')
-    """The best candidate of each sentence, specials removed (and consecutive repeats when
-    `dedup`), left-aligned and PAD_ID-padded."""
-    scores = samples.scores if scores is None else scores
-    B, K, T = samples.tokens.shape
-    if scores.shape != (B, K):
-        raise ValueError(f"scores {tuple(scores.shape)} != ({B}, {K})")
-    rows = torch.arange(B, device=scores.device)
-    best = scores.argmax(dim=1)
-    tokens, lens = samples.tokens[rows, best], samples.lengths[rows, best]  # (B, T), (B,)
-    valid = torch.arange(T, device=tokens.device).unsqueeze(0) < lens.unsqueeze(1)
-    if dedup:
-        return collapse_tokens(tokens, valid, special_ids=SPECIAL_IDS, pad_id=PAD_ID)
-    keep = valid & ~torch.isin(tokens, torch.tensor(SPECIAL_IDS, device=tokens.device))
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept slots first
-    out = tokens.gather(1, order).masked_fill(~keep.gather(1, order), PAD_ID)
-    return out[:, : max(int(keep.sum(1).max()) if B else 0, 1)]
+    cfg: RunConfig,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The vanilla NAT's loss (Gu et al. 2018): `glat_step` that never glances (`ratio` is
+    ignored)."""
+    return glat_step(model, batch, cfg=cfg, ratio=0.0, generator=generator, autocast=autocast)
 
 
-def nat_decode(
+@torch.no_grad()
+def nat_sentence_loss(model: VanillaNAT, batch: Batch) -> torch.Tensor:  # (B,)
+    """Token NLL per content token at the reference length (no length term), no grad, the model's
+    current mode. A reference longer than max_length is scored on its first max_length tokens."""
+    tgt_ids, tgt_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+    tgt_lens = tgt_lens.clamp(max=model.max_length)
+    lens = tgt_lens.clamp(min=1)
+    out = model(batch.src_ids, batch.src_lens, lens)
+    return (
+        -token_logp_sums(out.token_logits, tgt_ids[:, : out.token_logits.shape[1]], tgt_lens) / lens
+    )
+
+
+def nat_codat_term(
+    model: VanillaNAT,
+    batch: Batch,
+    *,
+    objective: str,  # "codat" or "reward"
+    codat: CodatConfig,
+    alpha: float,  # gate on nat_sentence_loss (math.inf: every sentence)
+    generator: torch.Generator | None,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CoDAT's extra loss on NPD samples (paper §3, Table 2): sample K = codat.samples candidates
+    (noise codat.noise), reward them by sentence BLEU, select (the alpha gate, then codat's best
+    `kept` or reward's first `reward_samples`), score them with grad (`nat_sample_scores`) and
+    compare (`objectives.sample_loss`). Scaled by the fraction of sentences through the gate."""
+    ref_ids, ref_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+    with torch.no_grad(), autocast:
+        samples = npd_samples(
+            model,
+            batch.src_ids,
+            batch.src_lens,
+            k=codat.samples,
+            sigma=codat.noise,
+            generator=generator,
+        )
+        ref_loss = nat_sentence_loss(model, batch)
+    with torch.no_grad():
+        rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
+        gate = dp_gate(ref_loss, alpha=alpha)
+        duplicates = duplicate_mask(samples.tokens, samples.lengths, pad_id=PAD_ID)
+    chosen = choose_samples(
+        samples.tokens,
+        samples.lengths,
+        rewards,
+        duplicates,
+        gate,
+        objective=objective,
+        count=codat.kept if objective == "codat" else codat.reward_samples,
+    )
+    stats = sample_stats(rewards, duplicates, gate)
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    if len(chosen.rows) == 0:
+        stats[key] = 0.0
+        return rewards.new_zeros(()), stats
+    rows = chosen.rows
+    with autocast:
+        scores = nat_sample_scores(
+            model, batch.src_ids[rows], batch.src_lens[rows], chosen.tokens, chosen.lengths
+        ).float()  # (b, k), with grad
+    loss = sample_loss(
+        scores,
+        chosen.rewards,
+        chosen.distinct,
+        rewards[rows].mean(1),
+        objective=objective,
+        margin=codat.margin,
+        tie=codat.tie,
+    )
+    stats[key] = float(loss.detach())
+    return loss * (len(rows) / len(gate)), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders (generate.DECODERS["nat"] and ["glat"])
+
+
+@torch.no_grad()
+def nat_argmax_decoder(
     model: VanillaNAT,
     src_ids: torch.Tensor,  # (B, S)
     src_lens: torch.Tensor,  # (B,)
-    *,
-    length_beam: int = 1,
-    dedup: bool = False,
-) -> torch.Tensor:  # (B, T')
-    """Argmax decoding with a length beam (Gu et al. 2018; Qian et al. 2021): decode the top
-    `length_beam` lengths in parallel and keep the one with the best mean token log-prob."""
-    samples = npd_samples(
-        model, src_ids, src_lens, k=1, sigma=0.0, generator=None, length_beam=length_beam
-    )
-    return pick_best_npd(samples, dedup=dedup)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """Argmax decoding of the dc.length_beam likeliest lengths, the best by mean log-prob."""
+    return nat_decode(model, src_ids, src_lens, length_beam=dc.length_beam)
 
 
-def nat_sample_scores(
-    model: nn.Module,  # VanillaNAT, possibly DDP-wrapped
+@torch.no_grad()
+def nat_npd_decoder(
+    model: VanillaNAT,
     src_ids: torch.Tensor,  # (B, S)
     src_lens: torch.Tensor,  # (B,)
-    tokens: torch.Tensor,  # (B, K, T) candidate ids
-    lengths: torch.Tensor,  # (B, K) >= 1
-) -> torch.Tensor:  # (B, K), with grad
-    """log q(y_k | x, T_k) / T_k: the NAT analogue of `objectives.samples_log_q`, the
-    length-normalised sum of the candidate's token log-probs given its length (no length term),
-    from the noise-free copied input. One encoder pass; the K candidates share it."""
-    B, K, T = tokens.shape
-    if lengths.shape != (B, K) or (lengths.numel() and int(lengths.min()) < 1):
-        raise ValueError(f"lengths {tuple(lengths.shape)} must be (B, K) = ({B}, {K}) and >= 1")
-    flat_lens = lengths.reshape(B * K)
-    width = int(flat_lens.max())
-    if width > T:
-        raise ValueError(f"lengths up to {width} exceed the token width {T}")
-    out = model(src_ids, src_lens, flat_lens, repeats=K)
-    flat_tokens = tokens.reshape(B * K, T)[:, :width]
-    sums = token_logp_sums(out.token_logits, flat_tokens, flat_lens)
-    return (sums / flat_lens).view(B, K)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """Noisy parallel decoding: about dc.samples candidates (dc.samples // dc.length_beam per
+    length, at least 1) with noise std dc.noise, the best by its noise-free mean log-prob."""
+    samples = npd_samples(
+        model,
+        src_ids,
+        src_lens,
+        k=max(dc.samples // dc.length_beam, 1),
+        sigma=dc.noise,
+        generator=generator,
+        length_beam=dc.length_beam,
+    )
+    return pick_best_npd(samples)

@@ -8,7 +8,6 @@ codat continuations can be compared.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -158,19 +157,3 @@ def plot_run(
     finally:
         plt.close(fig)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="codat plot",
-        description="Validation DP loss, contrastive loss and BLEU against step (paper Figure 2).",
-    )
-    p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
-    p.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png of the first run)")
-    p.add_argument("--labels", help="comma-separated legend labels, one per run dir")
-    a = p.parse_args(argv)
-    labels = [s.strip() for s in a.labels.split(",")] if a.labels else None
-    if labels is not None and len(labels) != len(a.run_dirs):
-        p.error(f"--labels has {len(labels)} entries for {len(a.run_dirs)} run dirs")
-    print(plot_run(a.run_dirs, a.out, labels=labels))
-    return 0

@@ -6,7 +6,6 @@ read and checked before anything is written; the output directory appears only w
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -17,6 +16,7 @@ import tempfile
 import sentencepiece as spm
 import torch
 
+from codat.dat import graph_lengths
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ParallelData
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,10 @@ def prepare(
             info = {"lines": len(data)}
             if name == "train":
                 empty = torch.tensor([not (s and t) for s, t in zip(s_lines, t_lines, strict=True)])
-                ok = (
-                    data.trainable_mask(upsample_scale=upsample_scale, max_ratio=max_ratio) & ~empty
+                graph = graph_lengths(
+                    data.src_lens, upsample_scale=upsample_scale, max_positions=2**31 - 1
                 )
+                ok = data.trainable_mask(max_target_lens=graph, max_ratio=max_ratio) & ~empty
                 keep = ok.nonzero().squeeze(1).tolist()
                 info["dropped_empty"] = int(empty.sum())
                 info["dropped_untrainable"] = int((~ok & ~empty).sum())
@@ -170,41 +171,11 @@ def prepare(
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="codat prepare", description=__doc__)
-    p.add_argument("--src", required=True, help="source language suffix, e.g. de")
-    p.add_argument("--tgt", required=True, help="target language suffix, e.g. en")
-    p.add_argument(
-        "--train", required=True, help="training prefix: reads PREFIX.SRC[.gz], PREFIX.TGT[.gz]"
-    )
-    p.add_argument("--valid", help="validation prefix")
-    p.add_argument("--test", action="append", default=[], help="test prefix (repeatable)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument(
-        "--upsample-scale", type=float, default=8.0, help="lambda used to drop pairs with L < n"
-    )
-    p.add_argument(
-        "--max-ratio", type=float, default=2.0, help="drop training pairs above this length ratio"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-    a = p.parse_args(argv)
-    meta = prepare(
-        src=a.src,
-        tgt=a.tgt,
-        train=a.train,
-        valid=a.valid,
-        tests=a.test,
-        out=a.out,
-        vocab_size=a.vocab_size,
-        upsample_scale=a.upsample_scale,
-        max_ratio=a.max_ratio,
-        force=a.force,
-    )
+def summary(meta: dict, out: str | pathlib.Path) -> str:
+    """One line: the vocabulary and the pairs kept and dropped of each split in `meta`."""
     tr = meta["splits"]["train"]
-    print(
-        f"prepared {a.out}: vocab {meta['vocab_size']}; train kept {tr['kept']}/{tr['lines']} "
+    return (
+        f"prepared {out}: vocab {meta['vocab_size']}; train kept {tr['kept']}/{tr['lines']} "
         f"(dropped {tr['dropped_empty']} empty, {tr['dropped_untrainable']} untrainable); "
         + ", ".join(f"{k} {v['kept']}" for k, v in meta["splits"].items() if k != "train")
     )
-    return 0

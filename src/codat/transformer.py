@@ -2,23 +2,25 @@
 from the same `layers.py` encoder and decoder layers as DAT by composition: post-norm layers, one
 embedding matrix shared by the encoder input, the decoder input and the output projection.
 
-Four separate pieces, as in the rest of the package:
+Separate pieces, as in the rest of the package:
 - `ATransformer`: the model; `forward` is teacher forcing (prev_ids = <s> y predicts y </s>) and
   `decode_step` the same decoder run one position at a time from a key/value cache;
 - `label_smoothed_nll`: the training objective (fairseq's label-smoothed cross-entropy);
+  `at_step` (model.arch at's training step) and `at_sentence_loss` (validation) apply it;
 - `greedy_search` and `beam_search`: decoders (fairseq's `SequenceGenerator` rules), batched over
-  sentences and beams.
+  sentences and beams; `at_beam_decoder` / `at_greedy_decoder` run them with a `DecodeConfig`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from codat.config import ModelConfig
-from codat.data import BOS_ID, EOS_ID, PAD_ID
+from codat.config import DecodeConfig, ModelConfig, RunConfig
+from codat.data import BOS_ID, EOS_ID, PAD_ID, Batch
 from codat.layers import LayerCache, bert_init, decoder_stack, shared_embedding_and_encoder
 
 
@@ -40,8 +42,9 @@ class DecoderState(NamedTuple):
 
 
 class ATransformer(nn.Module):
-    """Encoder-decoder Transformer with a causal decoder; `cfg.max_graph_positions` bounds the
-    target positions (<s> included) and `cfg.upsample_scale` is unused."""
+    """Encoder-decoder Transformer with a causal decoder; `cfg.max_target_positions` bounds the
+    target positions (<s> included); `cfg.upsample_scale` and `cfg.max_graph_positions` are
+    unused."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -50,10 +53,18 @@ class ATransformer(nn.Module):
         self.cfg = cfg
         D = cfg.dim
         self.embed, self.encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
-        self.target_positions = nn.Embedding(cfg.max_graph_positions, D)
+        self.target_positions = nn.Embedding(cfg.max_target_positions, D)
         self.decoder_layers = decoder_stack(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(bert_init)
+
+    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The source lengths: what a decoding batch is sized by."""
+        return src_lens
+
+    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The longest trainable <s> y </s>: the decoder reads <s> y, max_target_positions."""
+        return torch.full_like(src_lens, self.cfg.max_target_positions + 1)
 
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         S = src_ids.shape[1]
@@ -62,10 +73,10 @@ class ATransformer(nn.Module):
 
     def _embed_targets(self, ids: torch.Tensor, start: int) -> torch.Tensor:  # (B, T, D)
         T = ids.shape[1]
-        if start + T > self.cfg.max_graph_positions:
+        if start + T > self.cfg.max_target_positions:
             raise ValueError(
                 f"target position {start + T - 1} exceeds "
-                f"max_graph_positions={self.cfg.max_graph_positions}"
+                f"max_target_positions={self.cfg.max_target_positions}"
             )
         pos = torch.arange(start, start + T, device=ids.device)
         return self.drop(self.embed(ids) * self.encoder.scale + self.target_positions(pos))
@@ -152,11 +163,47 @@ def label_smoothed_nll(
     return loss, nll.sum() / count
 
 
+def teacher_forcing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # (B, N-1) each
+    """Teacher forcing: decoder input <s> y, target y </s> (PAD_ID-padded)."""
+    prev = batch.tgt_ids[:, :-1]
+    target = batch.tgt_ids[:, 1:]
+    return prev.masked_fill(prev == EOS_ID, PAD_ID), target
+
+
+def at_step(
+    model: ATransformer,
+    batch: Batch,
+    *,
+    cfg: RunConfig,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The label-smoothed NLL (epsilon train.label_smoothing) of one micro-batch under teacher
+    forcing; stats "nll" (the unsmoothed NLL). The AT does not glance (`ratio` is ignored)."""
+    prev, target = teacher_forcing(batch)
+    with autocast:
+        logits = model(batch.src_ids, batch.src_lens, prev)
+    loss, nll = label_smoothed_nll(logits, target, pad_id=PAD_ID, epsilon=cfg.train.label_smoothing)
+    return loss, {"nll": float(nll.detach())}
+
+
+@torch.no_grad()
+def at_sentence_loss(model: ATransformer, batch: Batch) -> torch.Tensor:  # (B,)
+    """The mean NLL per target token (y and </s>) of each sentence under teacher forcing, no grad,
+    the model's current mode."""
+    prev, target = teacher_forcing(batch)
+    logp = torch.log_softmax(model(batch.src_ids, batch.src_lens, prev).float(), dim=-1)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    valid = target != PAD_ID
+    return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
 def _max_lens(model: ATransformer, src_lens: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """Per-sentence limit on generated tokens before the forced </s>: floor(a * m + b), m counting
     the source </s>; fairseq uses the padded batch width for m, which makes outputs depend on the
     batch. Capped so that the forced </s> still has a position."""
-    limit = model.cfg.max_graph_positions - 1
+    limit = model.cfg.max_target_positions - 1
     return (a * src_lens.double() + b).floor().long().clamp(min=0, max=limit)
 
 
@@ -284,3 +331,33 @@ def beam_search(
         if done.all():
             break
     return _strip(fin_ids[:, 0])
+
+
+def at_beam_decoder(
+    model: ATransformer,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """`beam_search` with dc.beam, dc.length_penalty and the limit max_len_a * m + max_len_b."""
+    return beam_search(
+        model,
+        src_ids,
+        src_lens,
+        beam=dc.beam,
+        length_penalty=dc.length_penalty,
+        max_len_a=dc.max_len_a,
+        max_len_b=dc.max_len_b,
+    )
+
+
+def at_greedy_decoder(
+    model: ATransformer,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+    dc: DecodeConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T)
+    """`greedy_search` with the length limit dc.max_len_a * m + dc.max_len_b."""
+    return greedy_search(model, src_ids, src_lens, max_len_a=dc.max_len_a, max_len_b=dc.max_len_b)

@@ -1,0 +1,213 @@
+"""One function per `codat` verb: the parsed command line (see `codat.cli`) -> the verb
+module's plain Python functions. Decoding flags become a `DecodeConfig` here, once
+(`decode_config`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+from codat.config import DecodeConfig
+
+# benchmark decode's sample settings unless flags say otherwise (the paper's settings).
+_SAMPLE_BENCHMARK = {
+    "samples": 128,
+    "temperature": 0.05,
+    "top_p": 0.5,
+    "top_tokens": 1,
+    "rerank_token_weight": 0.5,
+}
+
+
+def decode_config(base: DecodeConfig, a: argparse.Namespace) -> DecodeConfig:
+    """`base` with the decoding flags that were given on the command line."""
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(DecodeConfig)}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def device_of(a: argparse.Namespace) -> str:
+    """The torch device of `--device` (default: cuda if available), after `--threads`."""
+    import torch
+
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if path:
+        from codat.evaluate import write_json
+
+        write_json(result, path)
+
+
+def prepare(a: argparse.Namespace) -> int:
+    from codat.prepare import prepare, summary
+
+    meta = prepare(
+        src=a.src,
+        tgt=a.tgt,
+        train=a.train,
+        valid=a.valid,
+        tests=a.test,
+        out=a.out,
+        vocab_size=a.vocab_size,
+        upsample_scale=a.upsample_scale,
+        max_ratio=a.max_ratio,
+        force=a.force,
+    )
+    print(summary(meta, a.out))
+    return 0
+
+
+def train(a: argparse.Namespace) -> int:
+    from codat.config import load_config
+    from codat.train import train
+
+    train(load_config(a.config, a.overrides), resume=a.resume)
+    return 0
+
+
+def generate(a: argparse.Namespace) -> int:
+    from codat.generate import Translator, translate_file
+
+    translator = Translator.from_dir(a.run_dir, device=device_of(a))
+    translate_file(translator, a.input, a.output, decode_config(translator.decode_cfg, a))
+    return 0
+
+
+def distill(a: argparse.Namespace) -> int:
+    from codat.generate import Translator, distill
+
+    translator = Translator.from_dir(a.run_dir, device=device_of(a))
+    n = distill(translator, a.src, a.out, decode_config(translator.decode_cfg, a))
+    print(f"distilled {n} sentences -> {a.out}", file=sys.stderr)
+    return 0
+
+
+def average(a: argparse.Namespace) -> int:
+    from codat.checkpoint import average_checkpoints
+
+    run = pathlib.Path(a.run_dir)
+    state_file = run / "last" / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} not found: is {run} a codat run directory?")
+    best = json.loads(state_file.read_text())["best"]  # [[valid BLEU, step, name], ...]
+    paths = [run / "checkpoints" / name for _, _, name in best]
+    missing = [str(x) for x in paths if not (x / "model.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing checkpoints: {missing}")
+    out = pathlib.Path(a.out) if a.out else run / "averaged"
+    average_checkpoints(paths, out)
+    scores = [round(b[0], 2) for b in best]
+    print(f"averaged {len(paths)} checkpoints (valid BLEU {scores}) -> {out}")
+    return 0
+
+
+def score(a: argparse.Namespace) -> int:
+    from codat.metrics import score_files
+
+    score, signature = score_files(a.hyp, a.ref, tokenize=a.tokenize)
+    print(score)
+    print(f"signature: {signature}")
+    return 0
+
+
+def _sampling_setup(a: argparse.Namespace):
+    from codat.evaluate import first_sentences, load_split
+    from codat.generate import Translator
+
+    translator = Translator.from_dir(a.run_dir, device=device_of(a))
+    data, refs = first_sentences(*load_split(a.data_dir, a.split), a.max_sentences)
+    return translator, data, refs, decode_config(translator.decode_cfg, a)
+
+
+def analyze(a: argparse.Namespace) -> int:
+    from codat.evaluate import analyze
+
+    result = analyze(*_sampling_setup(a))
+    print(json.dumps(result, indent=2))
+    _write_json(result, a.output)
+    return 0
+
+
+def tune_beta(a: argparse.Namespace) -> int:
+    from codat.evaluate import tune_beta
+
+    try:
+        weights = [float(x) for x in a.betas.split(",")]
+    except ValueError:
+        raise ValueError(f"--betas '{a.betas}' is not a comma-separated list of numbers") from None
+    result = tune_beta(*_sampling_setup(a), weights)
+    print(json.dumps(result, indent=2))
+    _write_json(result, a.output)
+    return 0
+
+
+def plot(a: argparse.Namespace) -> int:
+    from codat.plot import plot_run
+
+    labels = [s.strip() for s in a.labels.split(",")] if a.labels else None
+    print(plot_run(a.run_dirs, a.out, labels=labels))
+    return 0
+
+
+def benchmark_dag(a: argparse.Namespace) -> int:
+    from codat.benchmark import format_dag_report, run_dag_benchmark
+
+    device_of(a)  # --threads
+    result = run_dag_benchmark(
+        batch_size=a.batch_size,
+        target_len=a.target_len,
+        graph_len=a.graph_len,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        seed=a.seed,
+        device=a.device or "cpu",
+    )
+    print(format_dag_report(result))
+    _write_json(result, a.json)
+    return 0
+
+
+def benchmark_decode(a: argparse.Namespace) -> int:
+    from codat.generate import Translator
+    from codat.speed import decode_benchmark, format_decode_report, read_sentences
+
+    lines = read_sentences(a.input, a.max_sentences)
+    device = device_of(a)
+    translator = Translator.from_dir(a.run_dir, device=device)
+    lookahead = decode_config(translator.decode_cfg, a)
+    sample = decode_config(dataclasses.replace(translator.decode_cfg, **_SAMPLE_BENCHMARK), a)
+    result, described = decode_benchmark(
+        translator, lines, lookahead, sample, device=device, repeats=a.repeats
+    )
+    print(format_decode_report(result, described))
+    _write_json(result, a.json)
+    return 0
+
+
+def benchmark_speed(a: argparse.Namespace) -> int:
+    from codat.speed import format_decode_report, read_sentences, speed_benchmark
+
+    runs = []
+    for spec in a.runs:
+        label, sep, run_dir = spec.partition("=")
+        if not sep or not label or not run_dir:
+            raise ValueError(f"run '{spec}': expected LABEL=RUN_DIR")
+        runs.append((label, run_dir))
+    iterations = [int(x) for x in a.iterations.split(",") if x.strip()]
+    result, described = speed_benchmark(
+        runs,
+        read_sentences(a.input, a.max_sentences),
+        samples=a.samples,
+        iterations=iterations,
+        device=device_of(a),
+        repeats=a.repeats,
+    )
+    print(format_decode_report(result, described, speedup=True))
+    _write_json(result, a.json)
+    return 0

@@ -1,0 +1,262 @@
+"""DAT's training step (method.md §4: glancing + the DP loss) and CoDAT's sample term (paper §3,
+method.md §9), as plain functions of an unwrapped `DATransformer` and a `Batch`.
+
+`dat_step` is the step `train.py` runs for model.arch dat: the glanced DP loss of the batch, plus
+for train.objective codat / reward `codat.weight * codat_term(...)` on the un-glanced DAG.
+`codat_term` reads as the paper: sample -> reward -> select -> score -> loss.
+`dat_sentence_loss` is the per-sentence validation loss (and what CoDAT's alpha is calibrated on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+
+from codat.config import CodatConfig, RunConfig
+from codat.dag import dag_best_path, dag_log_likelihood
+from codat.dat import DagOutput, DATransformer
+from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, Batch
+from codat.decode import DagSamples, sample_dag
+from codat.glancing import choose_glanced, force_alignment, replay_rng
+from codat.objectives import (
+    dag_nll,
+    gather_token_logp,
+    log_softmax_fp32,
+    sample_loss,
+    sample_targets,
+    samples_log_q,
+)
+from codat.rewards import sentence_bleu
+from codat.selection import choose_samples, dp_gate, duplicate_mask
+
+SAMPLE_OBJECTIVES = ("codat", "reward")
+
+# ---------------------------------------------------------------------------------------------
+# The training step
+
+
+class Glance(NamedTuple):
+    """What glancing's pass 1 decided (method.md §4)."""
+
+    graph_ids: torch.Tensor  # (B, L) decoder inputs: revealed gold tokens, else placeholders
+    path: torch.Tensor  # (B, L) target index aligned to each vertex by the best path, or -1
+    keep: torch.Tensor  # (B, L) bool: the vertices whose gold token is revealed
+
+
+def glance_inputs(
+    model: DATransformer,
+    batch: Batch,
+    *,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> Glance:
+    """Glancing's pass 1, without grad: the best alignment of each reference, and the vertices
+    whose aligned gold token pass 2 sees (`choose_glanced`). The global RNG is restored after it,
+    so pass 2 draws the same dropout masks."""
+    with replay_rng(batch.src_ids.device), torch.no_grad(), autocast:
+        out = model(batch.src_ids, batch.src_lens)
+        # Only the alignment is needed here, so the model's dtype suffices (no float32 copy).
+        N = batch.tgt_ids.shape[1]
+        token_logp = (
+            torch.log_softmax(out.token_logits, dim=-1)
+            .gather(-1, batch.tgt_ids.unsqueeze(1).expand(-1, out.token_logits.shape[1], N))
+            .float()
+        )  # (B, L, N)
+        path, _ = dag_best_path(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
+        keep, oracle = choose_glanced(
+            path,
+            out.token_logits.argmax(-1),
+            batch.tgt_ids,
+            batch.tgt_lens,
+            ratio=ratio,
+            generator=generator,
+        )
+        graph_ids = torch.where(keep, oracle, model.graph_inputs(out.graph_lens))
+    return Glance(graph_ids, path, keep)
+
+
+def glanced_dp_loss(
+    out: DagOutput,
+    batch: Batch,
+    glance: Glance | None,
+) -> tuple[torch.Tensor, int]:  # scalar, number of sentences without a path
+    """CoDAT eq. (3), the DP loss, with every revealed target token forced onto its vertex (it adds
+    no loss); sentences whose graph is too short for the target count 0 and are returned."""
+    token_logp = gather_token_logp(out.token_logits, batch.tgt_ids)  # (B, L, N)
+    if glance is not None:
+        token_logp = force_alignment(token_logp, glance.path, glance.keep)
+    loss, _, invalid = dag_nll(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
+    return loss, invalid
+
+
+def dat_step(
+    model: DATransformer,
+    batch: Batch,
+    *,
+    cfg: RunConfig,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch of DAT and its statistics.
+
+    With ratio > 0, glancing (method.md §4): pass 1 picks the revealed tokens, pass 2 (same dropout
+    masks) is trained. For train.objective codat / reward, plus codat.weight times the sample term
+    on the un-glanced DAG, since the samples must come from the model as it decodes (method.md
+    §9.8): pass 2's output when nothing was glanced, else one more forward.
+    """
+    stats: dict[str, float] = {}
+    glance = None
+    if ratio > 0:
+        glance = glance_inputs(model, batch, ratio=ratio, generator=generator, autocast=autocast)
+        stats["glanced"] = float(glance.keep.sum()) / float(batch.tgt_lens.sum())
+    with autocast:
+        out = model(batch.src_ids, batch.src_lens, None if glance is None else glance.graph_ids)
+    loss, invalid = glanced_dp_loss(out, batch, glance)
+    stats["invalid"] = invalid
+    objective = cfg.train.objective
+    if objective == "dp":
+        return loss, stats
+    stats["dp_loss"] = float(loss.detach())
+    if glance is not None:
+        with autocast:
+            out = model(batch.src_ids, batch.src_lens)
+    term, term_stats = codat_term(
+        out,
+        batch,
+        objective=objective,
+        codat=cfg.codat,
+        alpha=cfg.codat.gate(),
+        generator=generator,
+    )
+    stats.update(term_stats)
+    return loss + cfg.codat.weight * term, stats
+
+
+@torch.no_grad()
+def dat_sentence_loss(model: DATransformer, batch: Batch) -> torch.Tensor:  # (B,)
+    """-log P(Y|X) / N_b of each reference on the un-glanced DAG (inf when the graph is too short
+    for it), in the model's current mode."""
+    out = model(batch.src_ids, batch.src_lens)
+    return reference_loss(log_softmax_fp32(out.token_logits), out, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# CoDAT's sample term
+
+
+def reference_loss(
+    token_logp_vocab: torch.Tensor,  # (B, L, V) float32 log-probs of the DAG
+    out: DagOutput,
+    batch: Batch,
+) -> torch.Tensor:  # (B,)
+    """Per-sentence, length-normalised DP loss of the reference, no grad; inf when no path. What
+    CoDAT's alpha gate compares with (method.md §9.7)."""
+    with torch.no_grad():
+        B, L, _ = token_logp_vocab.shape
+        N = batch.tgt_ids.shape[1]
+        token_logp = token_logp_vocab.gather(-1, batch.tgt_ids.unsqueeze(1).expand(B, L, N))
+        ll = dag_log_likelihood(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
+        return -ll / batch.tgt_lens.to(ll.dtype)
+
+
+def codat_samples(
+    token_logp_vocab: torch.Tensor,  # (B, L, V)
+    out: DagOutput,
+    *,
+    codat: CodatConfig,
+    generator: torch.Generator | None,
+) -> DagSamples:
+    """K = codat.samples paths per sentence (CoDAT Algorithms 2/3), without grad."""
+    with torch.no_grad():
+        return sample_dag(
+            token_logp_vocab.detach(),
+            out.trans_logp.detach(),
+            out.graph_lens,
+            num_samples=codat.samples,
+            temperature=codat.temperature,
+            top_p=codat.top_p,
+            top_tokens=codat.top_tokens,
+            generator=generator,
+            special_ids=SPECIAL_IDS,
+            pad_id=PAD_ID,
+        )
+
+
+def codat_term(
+    out: DagOutput,  # the un-glanced DAG, with grad
+    batch: Batch,
+    *,
+    objective: str,  # "codat" or "reward"
+    codat: CodatConfig,
+    alpha: float,  # DP-loss gate (math.inf: every sentence)
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CoDAT's extra loss on one micro-batch (paper §3): sample K outputs from the DAG, reward them
+    by sentence BLEU against the reference, select (the alpha gate, then codat's best `kept` or
+    reward's first `reward_samples`), score them by their DAG marginal with grad, and compare the
+    scores: ranking constraints (CoDAT eq. (10)) or REINFORCE.
+
+    The loss is scaled by the fraction of sentences that pass the gate (the others add 0, as in
+    the DP loss's mean); it is exactly 0 when none passes.
+    """
+    if objective not in SAMPLE_OBJECTIVES:
+        raise ValueError(f"train.objective='{objective}' has no sample term (codat or reward)")
+    token_logp_vocab = log_softmax_fp32(out.token_logits)  # (B, L, V), with grad
+    samples = codat_samples(token_logp_vocab, out, codat=codat, generator=generator)
+    ref_ids, ref_lens = batch.tgt_ids[:, 1:], batch.tgt_lens - 2  # without <s> and </s>
+    with torch.no_grad():
+        rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
+        gate = dp_gate(reference_loss(token_logp_vocab, out, batch), alpha=alpha)
+        duplicates = duplicate_mask(samples.tokens, samples.lengths, pad_id=PAD_ID)
+    count = codat.kept if objective == "codat" else codat.reward_samples
+    chosen = choose_samples(
+        samples.tokens,
+        samples.lengths,
+        rewards,
+        duplicates,
+        gate,
+        objective=objective,
+        count=count,
+    )
+    stats = sample_stats(rewards, duplicates, gate)
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    if len(chosen.rows) == 0:
+        stats[key] = 0.0
+        return rewards.new_zeros(()), stats
+    rows = chosen.rows
+    targets, target_lens = sample_targets(
+        chosen.tokens, chosen.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+    )
+    scores = samples_log_q(
+        token_logp_vocab[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
+    )  # (b, k), with grad
+    loss = sample_loss(
+        scores,
+        chosen.rewards,
+        chosen.distinct,
+        rewards[rows].mean(1),
+        objective=objective,
+        margin=codat.margin,
+        tie=codat.tie,
+    )
+    stats[key] = float(loss.detach())
+    return loss * (len(rows) / len(gate)), stats
+
+
+def sample_stats(
+    rewards: torch.Tensor,  # (B, K) sentence BLEU / 100 of every sample
+    duplicates: torch.Tensor,  # (B, K) bool
+    gate: torch.Tensor,  # (B,) bool
+) -> dict[str, float]:
+    """The logged statistics of the sample term: the fraction of sentences through the gate and
+    of distinct samples, the mean and the best-of-K (oracle) sentence BLEU."""
+    return {
+        "gate_pass": float(gate.float().mean()),
+        "distinct": float((~duplicates).float().mean()),
+        "sample_bleu": float(rewards.mean()) * 100,
+        "oracle_bleu": float(rewards.amax(1).mean()) * 100,
+    }

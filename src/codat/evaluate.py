@@ -1,0 +1,244 @@
+"""Evaluation: validation during training (`Validation`: loss, CoDAT's sample statistics, BLEU),
+`codat analyze` (NCM and Oracle BLEU: the sampling space, paper §4.2) and `codat tune-beta` (the
+rerank token weight of sample decoding, chosen on validation, paper Appendix D).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import sentencepiece as spm
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from codat.cmlm import cmlm_sentence_loss
+from codat.config import DecodeConfig, RunConfig
+from codat.ctc import ctc_sentence_loss
+from codat.dag import dag_log_likelihood
+from codat.dat_train import codat_term, dat_sentence_loss
+from codat.data import PAD_ID, Batch, ParallelData, token_batches
+from codat.decode import DagSamples, pick_best, rerank_scores
+from codat.generate import Translator, draw_samples, translate_ids
+from codat.metrics import corpus_bleu
+from codat.nat import nat_sentence_loss
+from codat.objectives import gather_token_logp
+from codat.rewards import sentence_bleu
+from codat.transformer import at_sentence_loss
+
+# Each model.arch's per-sentence, length-normalised loss (B,), inf where a sentence has no
+# alignment: the validation loss, and what CoDAT's alpha gate is calibrated on.
+SENTENCE_LOSSES: dict[str, Callable[[nn.Module, Batch], torch.Tensor]] = {
+    "dat": dat_sentence_loss,
+    "at": at_sentence_loss,
+    "nat": nat_sentence_loss,
+    "glat": nat_sentence_loss,
+    "ctc": ctc_sentence_loss,
+    "cmlm": cmlm_sentence_loss,
+}
+
+
+def load_split(data_dir: str | pathlib.Path, split: str) -> tuple[ParallelData, list[str]]:
+    """A prepared split and its raw references (`SPLIT.ref.txt`, written by codat prepare)."""
+    data = ParallelData.load(data_dir, split)
+    refs_path = pathlib.Path(data_dir) / f"{split}.ref.txt"
+    if not refs_path.is_file():
+        raise FileNotFoundError(f"{refs_path} not found (written by codat prepare)")
+    refs = refs_path.read_text(encoding="utf-8").splitlines()
+    if len(refs) != len(data):
+        raise ValueError(f"{refs_path} has {len(refs)} lines but the split has {len(data)} pairs")
+    return data, refs
+
+
+def first_sentences(data: ParallelData, refs: list[str], n: int) -> tuple[ParallelData, list[str]]:
+    """The first `n` sentence pairs and references (all of them when n <= 0)."""
+    if n <= 0:
+        return data, refs
+    return ParallelData(data.src[:n], data.tgt[:n]), refs[:n]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What validation needs: the split, its raw references and the tokenizer."""
+
+    data: ParallelData
+    refs: list[str]
+    sp: spm.SentencePieceProcessor
+    spm_path: pathlib.Path
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+
+    @classmethod
+    def load(
+        cls, cfg: RunConfig, device: torch.device, autocast: contextlib.AbstractContextManager
+    ) -> Validation:
+        """The validation split of `cfg.data` (its first `train.eval_max_sentences` if > 0)."""
+        spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
+        data, refs = load_split(cfg.data.dir, cfg.data.valid_split)
+        data, refs = first_sentences(data, refs, cfg.train.eval_max_sentences)
+        sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+        return cls(data, refs, sp, spm_path, device, autocast)
+
+    @torch.no_grad()
+    def dp_loss(self, core: nn.Module, cfg: RunConfig) -> float:
+        """Mean per-sentence, length-normalised loss (no glancing) of the split: DAT's DP loss,
+        or the arch's own (`SENTENCE_LOSSES`); sentences without an alignment count 0."""
+        was_training = core.training
+        core.eval()
+        sentence_loss = SENTENCE_LOSSES[cfg.model.arch]
+        total, count = 0.0, 0
+        sizes = torch.maximum(self.data.src_lens, self.data.tgt_lens)
+        for idx in token_batches(sizes, max_tokens=cfg.train.max_tokens, shuffle=False):
+            b = self.data.collate(idx).to(self.device)
+            with self.autocast:
+                per = sentence_loss(core, b).float()  # (B,)
+            per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))
+            total, count = total + float(per.sum()), count + len(idx)
+        core.train(was_training)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def sample_stats(self, core: nn.Module, cfg: RunConfig) -> dict[str, float]:
+        """CoDAT's contrastive loss on the first `codat.eval_sentences` sentences (paper Figure
+        2), with no DP gate, and the mean and oracle (best-of-K) sentence BLEU of their samples."""
+        n = min(cfg.codat.eval_sentences, len(self.data))
+        generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
+        was_training = core.training
+        core.eval()
+        sums: dict[str, float] = {}
+        sizes = torch.maximum(self.data.src_lens[:n], self.data.tgt_lens[:n])
+        max_tokens = max(cfg.train.max_tokens // 4, 64)  # K samples per sentence
+        for idx in token_batches(sizes, max_tokens=max_tokens, shuffle=False):
+            b = self.data.collate(idx).to(self.device)
+            with self.autocast:
+                out = core(b.src_ids, b.src_lens)
+            _, stats = codat_term(
+                out, b, objective="codat", codat=cfg.codat, alpha=math.inf, generator=generator
+            )
+            for key in ("cl_loss", "sample_bleu", "oracle_bleu"):
+                sums[key] = sums.get(key, 0.0) + stats.get(key, 0.0) * len(idx)
+        core.train(was_training)
+        return {f"valid_{k}": v / max(n, 1) for k, v in sums.items()}
+
+    def evaluate(self, core: nn.Module, cfg: RunConfig) -> dict:
+        """Validation loss (no glancing), for DAT with `codat.eval_sentences` > 0 the sample
+        statistics, and the corpus BLEU of the configured decoder (plus its first hypothesis)."""
+        result = {"valid_loss": self.dp_loss(core, cfg)}
+        if cfg.model.arch == "dat" and cfg.codat.eval_sentences > 0:
+            result.update(self.sample_stats(core, cfg))
+        was_training = core.training
+        core.eval()
+        with torch.no_grad(), self.autocast:
+            hyp_ids = translate_ids(core, self.data.src, cfg.decode, device=self.device)
+        core.train(was_training)
+        hyps = [self.sp.decode(h) for h in hyp_ids]
+        bleu = corpus_bleu(hyps, self.refs)
+        return {**result, "valid_bleu": bleu.score, "example": hyps[0]}
+
+
+@torch.no_grad()
+def sample_split(
+    translator: Translator, data: ParallelData, dc: DecodeConfig, *, progress: bool = True
+) -> Iterator[tuple[Batch, torch.Tensor, DagSamples]]:
+    """For each batch of the split: the batch, its reference DP log-likelihood (B,) and K samples
+    per sentence (drawn with `dc`'s samples / temperature / top_p / top_tokens / seed)."""
+    model, device = translator.model, translator.device
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(dc.seed)
+    sizes = model.output_lengths(torch.maximum(data.src_lens, data.tgt_lens))
+    batches = token_batches(sizes, max_tokens=dc.max_tokens, shuffle=False)
+    for idx in tqdm(batches, desc="sample", unit="batch", disable=not progress, leave=False):
+        b = data.collate(idx).to(device)
+        out = model(b.src_ids, b.src_lens)
+        tok = gather_token_logp(out.token_logits, b.tgt_ids)
+        ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
+        yield b, ll, draw_samples(out, dc, generator)
+
+
+def _ids(row: torch.Tensor) -> list[int]:
+    return [t for t in row.tolist() if t != PAD_ID]
+
+
+def _check_dat(translator: Translator) -> None:
+    arch = translator.model.cfg.arch
+    if arch != "dat":
+        raise ValueError(f"the model is a model.arch={arch} model: this command samples DAGs (dat)")
+
+
+def analyze(translator: Translator, data: ParallelData, refs: list[str], dc: DecodeConfig) -> dict:
+    """NCM = E[-log p(y|x)] / E[|y|] over the split (|y| counts <s> and </s>, as the DP loss
+    does), Oracle BLEU (corpus BLEU of the best-of-K sample per sentence by sentence BLEU), the
+    corpus BLEU of the reranked sample (`dc.rerank_token_weight`), mean sentence BLEU of all
+    samples, and the mean number of distinct samples per sentence."""
+    _check_dat(translator)
+    n = len(data)
+    oracle: list[list[int]] = [[] for _ in range(n)]
+    reranked: list[list[int]] = [[] for _ in range(n)]
+    nll, length, no_path, mean_bleu, distinct = 0.0, 0, 0, 0.0, 0.0
+    for b, ll, samples in sample_split(translator, data, dc):
+        finite = torch.isfinite(ll)
+        no_path += int((~finite).sum())
+        nll += float(-ll[finite].sum())
+        length += int(b.tgt_lens[finite].sum())
+        bleu = sentence_bleu(samples.tokens, samples.lengths, b.tgt_ids[:, 1:], b.tgt_lens - 2)
+        mean_bleu += float(bleu.mean(1).sum())
+        distinct += sum(len({tuple(_ids(r)) for r in sent}) for sent in samples.tokens.cpu())
+        best_oracle = pick_best(samples, bleu, pad_id=PAD_ID).cpu()
+        rerank = rerank_scores(samples, beta=dc.rerank_token_weight)
+        best_rerank = pick_best(samples, rerank, pad_id=PAD_ID).cpu()
+        for row, i in enumerate(b.indices.tolist()):
+            oracle[i], reranked[i] = _ids(best_oracle[row]), _ids(best_rerank[row])
+    sp = translator.sp
+    return {
+        "sentences": n,
+        "ncm": nll / max(length, 1),
+        "no_path": no_path,
+        "oracle_bleu": corpus_bleu([sp.decode(h) for h in oracle], refs).score,
+        "rerank_bleu": corpus_bleu([sp.decode(h) for h in reranked], refs).score,
+        "mean_sample_sentence_bleu": mean_bleu / max(n, 1),
+        "distinct_per_sentence": distinct / max(n, 1),
+        "samples": dc.samples,
+        "temperature": dc.temperature,
+        "top_p": dc.top_p,
+        "top_tokens": dc.top_tokens,
+        "rerank_token_weight": dc.rerank_token_weight,
+    }
+
+
+def tune_beta(
+    translator: Translator,
+    data: ParallelData,
+    refs: list[str],
+    dc: DecodeConfig,
+    weights: list[float],
+) -> dict:
+    """Corpus BLEU of sample decoding for each rerank token weight; the samples are drawn once
+    and reranked for every weight, so the weights are compared on identical hypotheses. The best
+    is `best_beta` (ties go to the weight nearest 0.5)."""
+    _check_dat(translator)
+    if not weights:
+        raise ValueError("tune-beta: no rerank token weights to compare")
+    n = len(data)
+    chosen = {w: [[] for _ in range(n)] for w in weights}
+    for b, _, samples in sample_split(translator, data, dc):
+        for w in weights:
+            best = pick_best(samples, rerank_scores(samples, beta=w), pad_id=PAD_ID).cpu()
+            for row, i in enumerate(b.indices.tolist()):
+                chosen[w][i] = _ids(best[row])
+    sp = translator.sp
+    bleu = {w: corpus_bleu([sp.decode(h) for h in chosen[w]], refs).score for w in weights}
+    best = max(weights, key=lambda x: (bleu[x], -abs(x - 0.5)))
+    return {"bleu": {str(k): v for k, v in bleu.items()}, "best_beta": best}
+
+
+def write_json(result: dict, path: str | pathlib.Path) -> None:
+    """Write `result` as indented JSON, atomically (a temporary sibling renamed into place)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,221 @@
+"""The pieces the length-predicting NATs share (vanilla NAT / GLAT in `codat.nat`, CMLM in
+`codat.cmlm`; CTC in `codat.ctc` reuses the copy, the targets and GLAT's reveal): public functions
+that both models *call* (composition, no base class).
+
+Choices (documented once, here):
+- The decoder emits the target *content* y_1..y_T, without <s>/</s>: position t predicts y_t.
+  `content_targets` turns a `Batch`'s `<s> y </s>` into that form. The length head predicts T
+  (classes 0..max_length) from the mean-pooled encoder states (fairseq NAT's `embed_length`).
+- `nat_modules(cfg)` builds, in this order, the shared embedding and encoder, the length head,
+  the learned decoder positions (max_length of them), the bidirectional decoder stack and the
+  input dropout; a model assigns them to the attributes embed, encoder, length_head, positions,
+  decoder_layers, drop (the state-dict key names). `decode_nat` runs that stack with the output
+  projection tied to the embeddings.
+- Loss (`nat_loss`): the mean over the trained positions of the token NLL (optionally
+  label-smoothed) plus length_weight * the length cross-entropy. Log-softmax is in at least
+  float32 (`objectives.log_softmax_fp32`), so bf16 autocast is safe.
+- GLAT's reveal (`glancing_reveal`, Qian et al. 2021): N = floor(ratio * d + 1/2) positions, d the
+  Hamming distance of pass 1's prediction to the reference, drawn uniformly among the valid ones
+  (GLAT's code truncates; we round as codat's DAT glancing does).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codat.config import ModelConfig
+from codat.data import PAD_ID
+from codat.layers import Encoder, decoder_stack, shared_embedding_and_encoder
+from codat.objectives import log_softmax_fp32
+
+
+class NatOutput(NamedTuple):
+    token_logits: torch.Tensor  # (B*r, T, V), r = repeats
+    length_logits: torch.Tensor  # (B, max_length + 1)
+    out_mask: torch.Tensor  # (B*r, T) bool, True = t < T_b
+
+
+class NatEncoded(NamedTuple):
+    states: torch.Tensor  # (B, S, D)
+    src_mask: torch.Tensor  # (B, S) bool
+    src_ids: torch.Tensor  # (B, S)
+    src_lens: torch.Tensor  # (B,)
+
+
+class NatModules(NamedTuple):
+    embed: nn.Embedding
+    encoder: Encoder
+    length_head: nn.Linear
+    positions: nn.Embedding
+    decoder_layers: nn.ModuleList
+    drop: nn.Dropout
+
+
+def nat_modules(cfg: ModelConfig) -> NatModules:
+    """The layers of a length-predicting NAT of `cfg` (module docstring), not yet initialised."""
+    if cfg.max_length < 1:
+        raise ValueError(f"model.max_length={cfg.max_length} must be >= 1")
+    embed, encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
+    return NatModules(
+        embed,
+        encoder,
+        nn.Linear(cfg.dim, cfg.max_length + 1),  # classes T = 0..max_length
+        nn.Embedding(cfg.max_length, cfg.dim),
+        decoder_stack(cfg),
+        nn.Dropout(cfg.dropout),
+    )
+
+
+def encode_source(
+    encoder: Encoder,
+    src_ids: torch.Tensor,  # (B, S)
+    src_lens: torch.Tensor,  # (B,)
+) -> NatEncoded:
+    S = src_ids.shape[1]
+    src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
+    return NatEncoded(encoder(src_ids, src_mask), src_mask, src_ids, src_lens)
+
+
+def pooled_length_logits(length_head: nn.Linear, enc: NatEncoded) -> torch.Tensor:  # (B, C)
+    """Scores of the content length T from the mean of the valid encoder states."""
+    mask = enc.src_mask.unsqueeze(-1).to(enc.states.dtype)
+    pooled = (enc.states * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return length_head(pooled)
+
+
+def decode_nat(
+    layers: nn.ModuleList,
+    positions: nn.Embedding,  # max_length rows
+    drop: nn.Dropout,
+    output_weight: torch.Tensor,  # (V, D) the tied embedding matrix
+    enc: NatEncoded,
+    tgt_lens: torch.Tensor,  # (B,)
+    dec_inputs: torch.Tensor,  # (B, T, D)
+) -> torch.Tensor:  # (B, T, V)
+    """The bidirectional decoder over T positions (valid: t < max(T_b, 1)) plus learned positions,
+    cross-attending to the encoder, projected onto the vocabulary by the tied embeddings."""
+    B, T, _ = dec_inputs.shape
+    max_length = positions.num_embeddings
+    if T > max_length or int(tgt_lens.max()) > T:
+        raise ValueError(
+            f"decoder width {T} must cover the lengths (max {int(tgt_lens.max())}) and be "
+            f"<= max_length={max_length}"
+        )
+    pos = torch.arange(T, device=dec_inputs.device)
+    mask = pos.unsqueeze(0) < tgt_lens.clamp(min=1).unsqueeze(1)  # empty target: 1 key
+    x = drop(dec_inputs + positions(pos))
+    for layer in layers:
+        x = layer(x, mask, enc.states, enc.src_mask)
+    return x @ output_weight.t()
+
+
+def uniform_copy_indices(
+    src_lens: torch.Tensor,  # (B,) source lengths counting </s>
+    tgt_lens: torch.Tensor,  # (B,) decoder lengths T_b
+    width: int,
+) -> torch.Tensor:  # (B, width) long
+    """Gu et al. (2018) uniform copy: decoder position t of T_b reads source position
+    floor(t * (m_b - 1) / (T_b - 1) + 1/2), m_b = max(S_b - 1, 1) real tokens without </s>.
+
+    Exact integer arithmetic; T_b = 1 reads position 0; positions t >= T_b read 0 (padding).
+    """
+    t = torch.arange(width, device=src_lens.device).unsqueeze(0)  # (1, width)
+    m = (src_lens - 1).clamp(min=1).unsqueeze(1)
+    den = (tgt_lens - 1).clamp(min=1).unsqueeze(1)
+    idx = (2 * t * (m - 1) + den) // (2 * den)
+    return idx.masked_fill(t >= tgt_lens.unsqueeze(1), 0)
+
+
+def repeat_encoded(enc: NatEncoded, k: int) -> NatEncoded:
+    """Each sentence's encoding k times in a row: row b*k + j is sentence b."""
+    return NatEncoded(*(x.repeat_interleave(k, dim=0) for x in enc))
+
+
+def content_targets(
+    tgt_ids: torch.Tensor,  # (B, N) <s> y </s>, PAD_ID padded
+    tgt_lens: torch.Tensor,  # (B,) counting <s> and </s>
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, max(N - 2, 1)), (B,)
+    """The reference content y (no <s>/</s>), PAD_ID padded, and its lengths N_b - 2."""
+    lens = tgt_lens - 2
+    width = max(tgt_ids.shape[1] - 2, 1)
+    body = tgt_ids[:, 1 : 1 + width]
+    if body.shape[1] < width:
+        body = F.pad(body, (0, width - body.shape[1]), value=PAD_ID)
+    pos = torch.arange(width, device=tgt_ids.device).unsqueeze(0)
+    return body.masked_fill(pos >= lens.unsqueeze(1), PAD_ID), lens
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and glancing
+
+
+class NatLoss(NamedTuple):
+    loss: torch.Tensor  # scalar: token + length_weight * length
+    token_nll: torch.Tensor  # scalar, detached
+    length_nll: torch.Tensor  # scalar, detached
+
+
+def nat_loss(
+    token_logits: torch.Tensor,  # (B, T, V)
+    tgt_ids: torch.Tensor,  # (B, T) content ids
+    loss_mask: torch.Tensor,  # (B, T) bool: positions that are trained
+    length_logits: torch.Tensor,  # (B, C)
+    length_targets: torch.Tensor,  # (B,) in [0, C)
+    *,
+    length_weight: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> NatLoss:
+    """Gu et al. (2018) NAT loss: mean over the trained positions of the token NLL (optionally
+    label-smoothed, (1 - eps) * NLL + eps * mean_v(-log p_v), as fairseq NAT) plus
+    length_weight * the cross-entropy of the length classifier, averaged over sentences."""
+    C = length_logits.shape[1]
+    if length_targets.numel() and (int(length_targets.min()) < 0 or int(length_targets.max()) >= C):
+        raise ValueError(f"length targets must lie in [0, {C}), got {length_targets.tolist()}")
+    logp = log_softmax_fp32(token_logits)  # (B, T, V)
+    nll = -logp.gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if label_smoothing > 0:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    token = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    length = F.cross_entropy(length_logits.float(), length_targets)
+    return NatLoss(token + length_weight * length, token.detach(), length.detach())
+
+
+def glancing_reveal(
+    pred_ids: torch.Tensor,  # (B, T) pass-1 argmax
+    tgt_ids: torch.Tensor,  # (B, T)
+    tgt_lens: torch.Tensor,  # (B,)
+    *,
+    ratio: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, T) bool
+    """GLAT's glancing sampling (Qian et al. 2021): reveal N_b = floor(ratio * d_b + 1/2) of the
+    T_b reference positions, uniformly at random; d_b = Hamming distance(prediction, reference)."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"glancing ratio must be in [0, 1], got {ratio}")
+    B, T = tgt_ids.shape
+    valid = torch.arange(T, device=tgt_ids.device).unsqueeze(0) < tgt_lens.unsqueeze(1)
+    hamming = ((pred_ids != tgt_ids) & valid).sum(1)
+    count = torch.floor(hamming.double() * ratio + 0.5).long()  # <= d_b <= T_b
+    noise = torch.rand((B, T), generator=generator, device=tgt_ids.device)
+    noise = noise.masked_fill(~valid, 2.0)  # padding sorts last
+    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each position among its row
+    return valid & (rank < count.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate scores
+
+
+def token_logp_sums(
+    token_logits: torch.Tensor,  # (R, T, V)
+    tokens: torch.Tensor,  # (R, T)
+    lens: torch.Tensor,  # (R,)
+) -> torch.Tensor:  # (R,)
+    """sum_{t < T_r} log p(tokens[r, t]) of each row, log-softmax in at least float32."""
+    logp = log_softmax_fp32(token_logits).gather(-1, tokens.unsqueeze(-1))
+    valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < lens.unsqueeze(1)
+    return (logp.squeeze(-1) * valid).sum(-1)

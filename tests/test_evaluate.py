@@ -1,0 +1,216 @@
+"""Evaluation (`codat.evaluate`) on tiny untrained models and the copy task's prepared data:
+`SENTENCE_LOSSES` covers every arch; `Validation.dp_loss` equals the mean of the arch's sentence
+loss over the split computed in one batch (batching-invariant, no-path sentences counted 0);
+`sample_stats` are `codat_term`'s statistics averaged over sentences; `evaluate` reports the
+corpus BLEU of `translate_ids` and adds the sample statistics only for DAT; `analyze`'s NCM
+equals the DP log-likelihood recomputed directly and its Oracle BLEU is at least the reranked
+BLEU; `tune_beta` reranks the same samples with every weight (ties: nearest 0.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+from conftest import make_model
+from corpus import prepare_copy_task
+
+from codat.checkpoint import save_checkpoint
+from codat.config import (
+    ARCHS,
+    CodatConfig,
+    DataConfig,
+    DecodeConfig,
+    RunConfig,
+    TrainConfig,
+)
+from codat.dag import dag_log_likelihood
+from codat.dat_train import codat_term
+from codat.data import ParallelData, read_meta, token_batches
+from codat.evaluate import (
+    SENTENCE_LOSSES,
+    Validation,
+    analyze,
+    first_sentences,
+    load_split,
+    tune_beta,
+    write_json,
+)
+from codat.generate import Translator, translate_ids
+from codat.metrics import corpus_bleu
+from codat.objectives import gather_token_logp
+
+NULL = contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> pathlib.Path:
+    return prepare_copy_task(tmp_path_factory.mktemp("evaluate"))
+
+
+def _cfg(data: pathlib.Path, arch: str, **train) -> RunConfig:
+    model = make_model(arch, vocab_size=read_meta(data)["vocab_size"]).cfg
+    glance = {"glance_start": 0.0, "glance_end": 0.0}
+    return RunConfig(
+        model=model,
+        data=DataConfig(dir=str(data)),
+        train=TrainConfig(**{"max_tokens": 64, **glance, **train}),
+        codat=CodatConfig(samples=4, eval_sentences=5),
+        decode=DecodeConfig(max_tokens=64, samples=4),
+    )
+
+
+def _model(cfg: RunConfig) -> torch.nn.Module:
+    return make_model(cfg.model.arch, vocab_size=cfg.model.vocab_size)
+
+
+def test_sentence_losses_cover_every_arch():
+    assert set(SENTENCE_LOSSES) == set(ARCHS)
+    assert SENTENCE_LOSSES["glat"] is SENTENCE_LOSSES["nat"]
+
+
+def test_load_split_and_first_sentences(data, tmp_path):
+    split, refs = load_split(data, "val")
+    assert len(split) == len(refs) == 12
+    few, few_refs = first_sentences(split, refs, 5)
+    assert len(few) == 5 and few_refs == refs[:5]
+    assert first_sentences(split, refs, 0) == (split, refs)
+    (tmp_path / "val.safetensors").write_bytes((data / "val.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match="val.ref.txt"):
+        load_split(tmp_path, "val")
+
+
+def test_validation_load_keeps_eval_max_sentences(data):
+    valid = Validation.load(_cfg(data, "dat", eval_max_sentences=7), torch.device("cpu"), NULL)
+    assert len(valid.data) == len(valid.refs) == 7
+    assert valid.spm_path == data / "spm.model"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dp_loss_is_the_mean_sentence_loss_whatever_the_batching(data, arch):
+    cfg = _cfg(data, arch)
+    model = _model(cfg).train()
+    valid = Validation.load(cfg, torch.device("cpu"), NULL)
+    sizes = torch.maximum(valid.data.src_lens, valid.data.tgt_lens)
+    assert int(sizes.max()) * len(valid.data) > cfg.train.max_tokens  # several batches
+    got = valid.dp_loss(model, cfg)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        per = SENTENCE_LOSSES[arch](model, valid.data.collate(list(range(len(valid.data)))))
+    per = torch.where(torch.isfinite(per), per, torch.zeros_like(per))
+    assert got == pytest.approx(float(per.mean()), rel=1e-5)
+
+
+def test_sample_stats_average_codat_term_over_sentences(data):
+    cfg = _cfg(data, "dat")
+    model = _model(cfg).eval()
+    valid = Validation.load(cfg, torch.device("cpu"), NULL)
+    stats = valid.sample_stats(model, cfg)
+    assert set(stats) == {"valid_cl_loss", "valid_sample_bleu", "valid_oracle_bleu"}
+    assert not model.training
+    # The same batches (max(max_tokens // 4, 64) = 64 tokens) and generator stream, by hand.
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sums = dict.fromkeys(("cl_loss", "sample_bleu", "oracle_bleu"), 0.0)
+    n = cfg.codat.eval_sentences
+    sizes = torch.maximum(valid.data.src_lens[:n], valid.data.tgt_lens[:n])
+    with torch.no_grad():
+        for idx in token_batches(sizes, max_tokens=64, shuffle=False):
+            b = valid.data.collate(idx)
+            out = model(b.src_ids, b.src_lens)
+            _, s = codat_term(
+                out, b, objective="codat", codat=cfg.codat, alpha=math.inf, generator=generator
+            )
+            for key in sums:
+                sums[key] += s[key] * len(idx)
+    for key, total in sums.items():
+        assert stats[f"valid_{key}"] == pytest.approx(total / n, abs=1e-6)
+    assert stats["valid_oracle_bleu"] >= stats["valid_sample_bleu"] >= 0
+
+
+@pytest.mark.parametrize("arch", ["dat", "at"])
+def test_evaluate_reports_bleu_of_the_configured_decoder(data, arch):
+    cfg = _cfg(data, arch, eval_max_sentences=6)
+    model = _model(cfg).train()
+    valid = Validation.load(cfg, torch.device("cpu"), NULL)
+    result = valid.evaluate(model, cfg)
+    assert model.training
+    sample_keys = {"valid_cl_loss", "valid_sample_bleu", "valid_oracle_bleu"}
+    assert set(result) == {"valid_loss", "valid_bleu", "example"} | (
+        sample_keys if arch == "dat" else set()
+    )
+    hyps = [valid.sp.decode(h) for h in translate_ids(model, valid.data.src, cfg.decode)]
+    assert result["valid_bleu"] == corpus_bleu(hyps, valid.refs).score
+    assert result["example"] == hyps[0]
+    assert result["valid_loss"] == pytest.approx(valid.dp_loss(model, cfg))
+
+
+# --- analyze / tune-beta ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def translator(data) -> Translator:
+    cfg = _cfg(data, "dat")
+    model = _model(cfg)
+    path = data.parent / "dat_ckpt"
+    save_checkpoint(path, model, cfg, data / "spm.model")
+    return Translator.from_dir(path)
+
+
+def test_analyze_ncm_and_bleus(data, translator):
+    split, refs = load_split(data, "val")
+    dc = DecodeConfig(samples=4, temperature=0.5, max_tokens=64)
+    result = analyze(translator, split, refs, dc)
+    assert result["sentences"] == 12 and result["samples"] == 4 and result["no_path"] == 0
+    assert result["rerank_token_weight"] == dc.rerank_token_weight
+    assert 1 <= result["distinct_per_sentence"] <= 4
+    assert 0 <= result["mean_sample_sentence_bleu"] <= 100
+    assert result["oracle_bleu"] >= 0 and 0 <= result["rerank_bleu"] <= 100
+    b = split.collate(list(range(len(split))))
+    with torch.no_grad():
+        out = translator.model(b.src_ids, b.src_lens)
+        tok = gather_token_logp(out.token_logits, b.tgt_ids)
+        ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
+    assert result["ncm"] == pytest.approx(float(-ll.sum() / b.tgt_lens.sum()), rel=1e-5)
+    assert analyze(translator, split, refs, dc) == result  # the seed fixes the samples
+
+
+def test_tune_beta_compares_weights_on_the_same_samples(data, translator):
+    split, refs = load_split(data, "val")
+    dc = DecodeConfig(samples=4, temperature=0.5, max_tokens=64)
+    result = tune_beta(translator, split, refs, dc, [0.3, 0.5, 0.7])
+    assert set(result["bleu"]) == {"0.3", "0.5", "0.7"}
+    top = max(result["bleu"].values())
+    best = [w for w in (0.3, 0.5, 0.7) if result["bleu"][str(w)] == top]
+    assert result["best_beta"] == min(best, key=lambda w: abs(w - 0.5))
+    # The reranked BLEU of analyze at weight 0.5 is tune_beta's BLEU at 0.5.
+    at_half = analyze(translator, split, refs, dc)["rerank_bleu"]
+    assert result["bleu"]["0.5"] == pytest.approx(at_half)
+    with pytest.raises(ValueError, match="no rerank token weights"):
+        tune_beta(translator, split, refs, dc, [])
+
+
+def test_analyze_rejects_a_model_that_is_not_a_dat(data, tmp_path):
+    cfg = _cfg(data, "at")
+    save_checkpoint(tmp_path / "at", _model(cfg), cfg, data / "spm.model")
+    split, refs = load_split(data, "val")
+    with pytest.raises(ValueError, match="model.arch=at"):
+        analyze(Translator.from_dir(tmp_path / "at"), split, refs, DecodeConfig(samples=2))
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "r.json"
+    write_json({"a": 1.5}, path)
+    assert json.loads(path.read_text()) == {"a": 1.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_parallel_data_prefix_is_a_copy_of_the_first_pairs(data):
+    split, refs = load_split(data, "val")
+    few, _ = first_sentences(split, refs, 3)
+    assert isinstance(few, ParallelData)
+    assert [t.tolist() for t in few.tgt] == [t.tolist() for t in split.tgt[:3]]

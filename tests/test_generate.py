@@ -1,0 +1,206 @@
+"""Generation (`codat.generate`): the `DECODERS[arch][name]` dict covers every arch and names the
+choices on a bad name; the DAT decoders equal the `codat.decode` functions they wrap; decoding
+batches are sized by the model's `output_lengths` (the graph for DAT, the source for AT);
+`translate_ids` returns input order and equals one-sentence-at-a-time decoding; a `Translator`
+saved and loaded from a checkpoint directory (tiny untrained model + the copy task's
+sentencepiece model) decodes text like `translate_ids` on the ids, and `translate_file` /
+`distill` write one line per input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+import torch
+from conftest import make_model
+from corpus import prepare_copy_task
+
+from codat.checkpoint import save_checkpoint
+from codat.config import ARCHS, DecodeConfig, RunConfig
+from codat.data import PAD_ID, SPECIAL_IDS, read_meta
+from codat.decode import joint_viterbi_decode, lookahead_decode, sample_decode
+from codat.generate import (
+    DECODERS,
+    Translator,
+    batch_sources,
+    dat_lookahead_decoder,
+    dat_sample_decoder,
+    dat_viterbi_decoder,
+    decoder_for,
+    distill,
+    draw_samples,
+    resolve_checkpoint,
+    source_tensor,
+    translate_file,
+    translate_ids,
+)
+from codat.objectives import log_softmax_fp32
+
+DEFAULTS = {
+    "dat": "lookahead",
+    "at": "beam",
+    "nat": "argmax",
+    "glat": "argmax",
+    "ctc": "greedy",
+    "cmlm": "mask-predict",
+}
+
+
+def _sources(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 40, (n,), generator=g) for n in lengths]
+
+
+def test_decoders_cover_every_arch_with_the_documented_default():
+    assert set(DECODERS) == set(ARCHS)
+    for arch, choices in DECODERS.items():
+        assert next(iter(choices)) == DEFAULTS[arch]
+        assert decoder_for(arch, "") is choices[DEFAULTS[arch]]
+        for name, fn in choices.items():
+            assert decoder_for(arch, name) is fn
+    assert DECODERS["glat"] == DECODERS["nat"]
+    assert list(DECODERS["dat"]) == ["lookahead", "greedy", "viterbi", "sample"]
+
+
+def test_unknown_decoder_names_the_choices_of_the_arch():
+    with pytest.raises(ValueError, match=r"decoder 'lookahead'.*model.arch=at.*beam, greedy"):
+        decoder_for("at", "lookahead")
+    with pytest.raises(ValueError, match="mask-predict"):
+        decoder_for("cmlm", "beam")
+    with pytest.raises(ValueError, match="model.arch='rnn'"):
+        decoder_for("rnn", "")
+
+
+def test_translate_ids_rejects_a_decoder_of_another_arch():
+    model = make_model("at")
+    with pytest.raises(ValueError, match="beam, greedy"):
+        translate_ids(model, _sources([3]), DecodeConfig(decoder="sample"))
+
+
+@torch.no_grad()
+def test_dat_decoders_equal_the_decode_functions_they_wrap():
+    model = make_model("dat").eval()
+    src = source_tensor(_sources([5, 3]), torch.tensor([6, 4]), [0, 1])
+    lens = torch.tensor([6, 4])
+    out = model(src, lens)
+    logp = log_softmax_fp32(out.token_logits)
+    dc = DecodeConfig(
+        lookahead_token_weight=0.7, viterbi_length_exponent=0.5, samples=6, temperature=0.5
+    )
+    want = lookahead_decode(
+        logp, out.trans_logp, out.graph_lens, beta=0.7, special_ids=SPECIAL_IDS, pad_id=PAD_ID
+    )
+    assert torch.equal(dat_lookahead_decoder(model, src, lens, dc, None), want)
+    want = joint_viterbi_decode(
+        logp, out.trans_logp, out.graph_lens, length_beta=0.5, special_ids=SPECIAL_IDS, pad_id=0
+    )
+    assert torch.equal(dat_viterbi_decoder(model, src, lens, dc, None), want)
+    dc = dataclasses.replace(dc, rerank_token_weight=0.3)
+    got = dat_sample_decoder(model, src, lens, dc, torch.Generator().manual_seed(3))
+    want = sample_decode(
+        logp,
+        out.trans_logp,
+        out.graph_lens,
+        num_samples=6,
+        temperature=0.5,
+        top_p=dc.top_p,
+        beta=0.3,
+        generator=torch.Generator().manual_seed(3),
+        special_ids=SPECIAL_IDS,
+        pad_id=PAD_ID,
+        top_tokens=dc.top_tokens,
+    )
+    assert torch.equal(got, want)
+    samples = draw_samples(out, dc, torch.Generator().manual_seed(3))
+    assert samples.tokens.shape[:2] == (2, 6)
+
+
+def test_decoding_batches_are_sized_by_output_lengths():
+    sources = _sources([4] * 8)  # lengths 5 with </s>
+    at, dat = make_model("at"), make_model("dat")  # dat: upsample_scale 2 -> graphs of 10
+    _, lens, at_batches = batch_sources(sources, at, 20)
+    _, _, dat_batches = batch_sources(sources, dat, 20)
+    assert lens.tolist() == [5] * 8
+    assert [len(b) for b in at_batches] == [4, 4]
+    assert [len(b) for b in dat_batches] == [2] * 4
+    for model, batches in ((at, at_batches), (dat, dat_batches)):
+        sizes = model.output_lengths(lens)
+        assert all(len(b) * int(sizes[b].max()) <= 20 for b in batches)
+        assert sorted(i for b in batches for i in b) == list(range(8))
+
+
+def test_batch_sources_truncates_to_the_source_limit():
+    model = make_model("at", max_source_positions=6)
+    sources, lens, _ = batch_sources(_sources([9, 3]), model, 100)
+    assert [len(s) for s in sources] == [5, 3] and lens.tolist() == [6, 4]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_translate_ids_keeps_input_order_and_equals_one_by_one_decoding(arch):
+    model = make_model(arch).train()
+    sources = _sources([6, 2, 9, 4, 4, 7], seed=1)
+    dc = DecodeConfig(max_tokens=48)
+    batched = translate_ids(model, sources, dc)
+    assert model.training  # the mode is restored
+    assert len(batched) == len(sources)
+    assert all(PAD_ID not in ids for ids in batched)
+    if arch in ("dat", "ctc", "nat", "glat"):  # deterministic and padding-invariant
+        single = [translate_ids(model, [s], dc)[0] for s in sources]
+        assert batched == single
+
+
+# --- a tiny saved run: checkpoint directory + sentencepiece model ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> pathlib.Path:
+    return prepare_copy_task(tmp_path_factory.mktemp("generate"))
+
+
+def _checkpoint(data: pathlib.Path, arch: str, path: pathlib.Path) -> torch.nn.Module:
+    model = make_model(arch, vocab_size=read_meta(data)["vocab_size"]).eval()
+    decode = DecodeConfig(max_tokens=64, samples=4)
+    save_checkpoint(path, model, RunConfig(model=model.cfg, decode=decode), data / "spm.model")
+    return model
+
+
+@pytest.mark.parametrize("arch", ["dat", "at"])
+def test_translator_round_trip_through_a_checkpoint(data, tmp_path, arch):
+    model = _checkpoint(data, arch, tmp_path / "run" / "best")
+    translator = Translator.from_dir(tmp_path / "run")  # a run directory: its best/
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "best"
+    assert not translator.model.training
+    assert translator.decode_cfg == DecodeConfig(max_tokens=64, samples=4)
+    for name, value in model.state_dict().items():
+        assert torch.equal(translator.model.state_dict()[name], value)
+    lines = (data / "test.src.txt").read_text().splitlines()
+    hyps = translator.generate(lines)
+    assert len(hyps) == len(lines) and all(isinstance(h, str) for h in hyps)
+    ids = [torch.tensor(x) for x in translator.sp.encode(lines)]
+    want = translate_ids(model, ids, translator.decode_cfg)
+    assert hyps == [translator.sp.decode(x) for x in want]
+    other = translator.settings("greedy")
+    assert other.decoder == "greedy" and other.samples == 4
+    assert translator.generate(lines[:2], other) == [
+        translator.sp.decode(x) for x in translate_ids(model, ids[:2], other)
+    ]
+
+
+def test_translate_file_and_distill_write_one_line_per_input(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    src = data / "test.src.txt"
+    n = len(src.read_text().splitlines())
+    assert translate_file(translator, src, tmp_path / "hyp.txt") == n
+    assert len((tmp_path / "hyp.txt").read_text().splitlines()) == n
+    out = tmp_path / "kd" / "train.en"
+    assert distill(translator, src, out, translator.settings("greedy")) == n
+    assert len(out.read_text().splitlines()) == n
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_resolve_checkpoint_names_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        resolve_checkpoint(tmp_path)
