@@ -8,19 +8,35 @@ it passes to the model, its stats, and zero gradient on the logits of unmasked p
 `cmlm_sentence_loss` with a per-sentence loop; `mask_predict` with `loop_mask_predict` on a ragged
 batch (random N(0, 0.3) weights so that re-masking changes the outputs), iterations = 1 with the
 all-masked argmax at the top length, argument checks and bf16 autocast; and a tiny copy task
-learnt in 200 Adam steps.
+learnt in 200 Adam steps. The entry points: `cmlm_step` with `cmlm_training_loss`,
+`mask_predict_decoder` with `mask_predict`; the model by composition (not a VanillaNAT, the same
+state-dict keys plus mask_embed); and, end to end, `codat train` / `codat generate`.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from cli_runs import check_trains_and_decodes
+from conftest import make_batch, make_config, make_model
+from corpus import prepare_copy_task
 from reference import loop_cmlm_loss, loop_mask_predict
 
-from codat.cmlm import CMLM, cmlm_sentence_loss, cmlm_training_loss, mask_predict, random_masks
-from codat.config import ModelConfig
+from codat.cmlm import (
+    CMLM,
+    cmlm_sentence_loss,
+    cmlm_step,
+    cmlm_training_loss,
+    mask_predict,
+    mask_predict_decoder,
+    random_masks,
+)
+from codat.config import DecodeConfig, ModelConfig, RunConfig, TrainConfig
 from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, Batch
-from codat.nat import content_targets
+from codat.nat import VanillaNAT
+from codat.nat_core import content_targets
 
 V = 20
 MAX_LEN = 12
@@ -80,6 +96,7 @@ class Recorder(torch.nn.Module):
     def __init__(self, model: CMLM) -> None:
         super().__init__()
         self.model = model
+        self.max_length = model.max_length
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, *args, **kwargs):
@@ -167,7 +184,7 @@ def test_training_loss_matches_the_loop_in_value_and_gradient(smoothing):
     model = redraw(tiny_cmlm(dim=16, dtype=torch.float64), 6, std=0.1).train()
     rec = Recorder(model)
     loss, stats = cmlm_training_loss(
-        rec, model, batch, generator=torch.Generator().manual_seed(9), length_weight=0.5,
+        rec, batch, generator=torch.Generator().manual_seed(9), length_weight=0.5,
         label_smoothing=smoothing,
     )  # fmt: skip
     ((masked, _),) = rec.calls
@@ -195,7 +212,7 @@ def test_training_loss_clamps_long_lengths_and_reports_length_nll():
     batch = copy_batch(torch.Generator().manual_seed(11), 3, lo=MAX_LEN - 1, hi=MAX_LEN)
     model = tiny_cmlm(dtype=torch.float64)
     loss, stats = cmlm_training_loss(
-        model, model, batch, generator=torch.Generator().manual_seed(0), length_weight=1.0
+        model, batch, generator=torch.Generator().manual_seed(0), length_weight=1.0
     )
     _, lens = content_targets(batch.tgt_ids, batch.tgt_lens)
     logits = model.length_logits(model.encode(batch.src_ids, batch.src_lens))
@@ -211,7 +228,7 @@ def test_unmasked_positions_get_no_gradient_from_the_token_term_and_same_seed_sa
     losses = []
     for seed in (21, 21, 22):
         loss, _ = cmlm_training_loss(
-            rec, model, batch, generator=torch.Generator().manual_seed(seed), length_weight=0.0
+            rec, batch, generator=torch.Generator().manual_seed(seed), length_weight=0.0
         )
         loss.backward()
         losses.append(loss.item())
@@ -292,7 +309,7 @@ def test_mask_predict_validates_arguments_and_runs_under_bf16_autocast():
             mask_predict(model, batch.src_ids, batch.src_lens, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mask_predict(model, batch.src_ids, batch.src_lens, iterations=3, length_beam=MAX_LEN)
-        loss, _ = cmlm_training_loss(model, model, batch, generator=None)
+        loss, _ = cmlm_training_loss(model, batch, generator=None)
         nll = cmlm_sentence_loss(model, batch)
     assert out.shape[0] == 3 and out.shape[1] >= 1
     assert loss.dtype == torch.float32 and nll.dtype == torch.float32
@@ -316,7 +333,7 @@ def test_cmlm_learns_a_tiny_copy_task():
     model.train()
     for _ in range(300):
         batch = copy_batch(data, 32, lo=2, hi=6)
-        loss, _ = cmlm_training_loss(model, model, batch, generator=masks, length_weight=0.1)
+        loss, _ = cmlm_training_loss(model, batch, generator=masks, length_weight=0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -327,3 +344,50 @@ def test_cmlm_learns_a_tiny_copy_task():
         for b in range(64)
     )
     assert exact >= 40, exact
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points, composition, end to end
+
+
+def test_cmlm_step_is_the_training_loss_with_the_configs_label_smoothing():
+    model = make_model("cmlm").train()
+    batch = make_batch([5, 3, 6], [4, 6, 2], seed=1)
+    cfg = RunConfig(model=make_config("cmlm"), train=TrainConfig(label_smoothing=0.1))
+    loss, stats = cmlm_step(
+        model, batch, cfg=cfg, ratio=0.5, generator=torch.Generator().manual_seed(3),
+        autocast=contextlib.nullcontext(),
+    )  # fmt: skip
+    ref, ref_stats = cmlm_training_loss(
+        model, batch, generator=torch.Generator().manual_seed(3), label_smoothing=0.1
+    )
+    torch.testing.assert_close(loss, ref)
+    assert stats == ref_stats and set(stats) == {"masked", "token_nll", "length_nll"}
+
+
+def test_mask_predict_decoder_runs_mask_predict_with_the_decode_settings():
+    model = redraw(tiny_cmlm(), 21).eval()
+    batch = copy_batch(torch.Generator().manual_seed(22), 4)
+    dc = DecodeConfig(iterations=3, length_beam=2)
+    got = mask_predict_decoder(model, batch.src_ids, batch.src_lens, dc, None)
+    want = mask_predict(model, batch.src_ids, batch.src_lens, iterations=3, length_beam=2)
+    assert torch.equal(got, want)
+    assert torch.equal(model.output_lengths(batch.src_lens), batch.src_lens)
+    assert model.max_target_lens(batch.src_lens).tolist() == [MAX_LEN + 2] * 4
+
+
+def test_cmlm_is_composed_not_a_vanilla_nat_and_keeps_its_state_dict_keys():
+    cfg = make_config("cmlm")
+    model = CMLM(cfg)
+    assert not isinstance(model, VanillaNAT)
+    nat_keys = list(VanillaNAT(make_config("nat")).state_dict())
+    assert list(model.state_dict()) == ["mask_embed", *nat_keys]  # as when it subclassed
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_copy_task(tmp_path_factory.mktemp("cmlm_cli"))
+
+
+def test_cmlm_trains_and_decodes_end_to_end(data, capsys):
+    check_trains_and_decodes(data, capsys, "cmlm", 0.0, 0.1)

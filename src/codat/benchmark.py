@@ -159,6 +159,70 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
+DagInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+DagFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _forward_job(fn: DagFunction, inputs: DagInputs) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    return run
+
+
+def _forward_backward_job(fn: DagFunction, inputs: DagInputs) -> Callable[[], object]:
+    token_logp, trans_logp, graph_lens, target_lens = inputs
+    tok = token_logp.detach().clone().requires_grad_(True)
+    trans = trans_logp.detach().clone().requires_grad_(True)
+
+    def run():
+        tok.grad = None
+        trans.grad = None
+        fn(tok, trans, graph_lens, target_lens).sum().backward()
+
+    return run
+
+
+def _median_times(
+    fns: dict[str, DagFunction], inputs: DagInputs, *, repeats: int, warmup: int, dev: torch.device
+) -> dict[tuple[str, str], float]:
+    """Median ms of each (phase, name); the four jobs take turns within every round, the order
+    of the functions alternating from round to round."""
+    jobs = {}
+    for name, fn in fns.items():
+        jobs[("forward", name)] = _forward_job(fn, inputs)
+        jobs[("forward_backward", name)] = _forward_backward_job(fn, inputs)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for phase in ("forward", "forward_backward"):
+            for name in order:
+                ms = _timed(jobs[(phase, name)], dev)
+                if r >= warmup:
+                    times[(phase, name)].append(ms)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def _agreement(fns: dict[str, DagFunction], inputs: DagInputs) -> dict[str, float]:
+    """max |codat - naive| of the values and of both gradients, and the largest |value|."""
+    token_logp, trans_logp, graph_lens, target_lens = inputs
+    outs, grads = {}, {}
+    for name, fn in fns.items():
+        tok = token_logp.detach().clone().requires_grad_(True)
+        trans = trans_logp.detach().clone().requires_grad_(True)
+        out = fn(tok, trans, graph_lens, target_lens)
+        outs[name] = out.detach()
+        grads[name] = torch.autograd.grad(out.sum(), (tok, trans))
+    return {
+        "max_abs_diff_value": _max_abs_diff(outs["codat"], outs["naive"]),
+        "max_abs_value": float(outs["naive"].abs().max()),
+        "max_abs_diff_grad_token_logp": _max_abs_diff(grads["codat"][0], grads["naive"][0]),
+        "max_abs_diff_grad_trans_logp": _max_abs_diff(grads["codat"][1], grads["naive"][1]),
+    }
+
+
 def run_dag_benchmark(
     *,
     batch_size: int = 32,
@@ -181,58 +245,14 @@ def run_dag_benchmark(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     dev = torch.device(device)
-    token_logp, trans_logp, graph_lens, target_lens = make_dag_inputs(
-        batch_size, target_len, graph_len, seed=seed, device=dev
-    )
-    args = (graph_lens, target_lens)
+    inputs = make_dag_inputs(batch_size, target_len, graph_len, seed=seed, device=dev)
     fns = {"codat": dag_log_likelihood, "naive": naive_dag_log_likelihood}
-
-    def forward(fn):
-        def run():
-            with torch.no_grad():
-                return fn(token_logp, trans_logp, *args)
-
-        return run
-
-    def forward_backward(fn):
-        tok = token_logp.detach().clone().requires_grad_(True)
-        trans = trans_logp.detach().clone().requires_grad_(True)
-
-        def run():
-            tok.grad = None
-            trans.grad = None
-            fn(tok, trans, *args).sum().backward()
-
-        return run
-
-    jobs = {}
-    for name, fn in fns.items():
-        jobs[("forward", name)] = forward(fn)
-        jobs[("forward_backward", name)] = forward_backward(fn)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
-    names = list(fns)
-    for r in range(warmup + repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for phase in ("forward", "forward_backward"):
-            for name in order:
-                ms = _timed(jobs[(phase, name)], dev)
-                if r >= warmup:
-                    times[(phase, name)].append(ms)
-    med = {key: statistics.median(v) for key, v in times.items()}
-
-    # Agreement of values and gradients.
-    outs, grads = {}, {}
-    for name, fn in fns.items():
-        tok = token_logp.detach().clone().requires_grad_(True)
-        trans = trans_logp.detach().clone().requires_grad_(True)
-        out = fn(tok, trans, *args)
-        outs[name] = out.detach()
-        grads[name] = torch.autograd.grad(out.sum(), (tok, trans))
-    value_scale = float(outs["naive"].abs().max())
-
-    memory = {name: _peak_memory_mb(forward_backward(fn), dev) for name, fn in fns.items()}
-
-    result = {
+    med = _median_times(fns, inputs, repeats=repeats, warmup=warmup, dev=dev)
+    memory = {
+        name: _peak_memory_mb(_forward_backward_job(fn, inputs), dev) for name, fn in fns.items()
+    }
+    token_logp, _, graph_lens, target_lens = inputs
+    return {
         "batch_size": batch_size,
         "target_len": target_len,
         "graph_len": graph_len,
@@ -254,13 +274,9 @@ def run_dag_benchmark(
         "forward_backward_speedup": (
             med[("forward_backward", "naive")] / med[("forward_backward", "codat")]
         ),
-        "max_abs_diff_value": _max_abs_diff(outs["codat"], outs["naive"]),
-        "max_abs_value": value_scale,
-        "max_abs_diff_grad_token_logp": _max_abs_diff(grads["codat"][0], grads["naive"][0]),
-        "max_abs_diff_grad_trans_logp": _max_abs_diff(grads["codat"][1], grads["naive"][1]),
+        **_agreement(fns, inputs),
         "peak_memory_mb": memory if dev.type == "cuda" else None,
     }
-    return result
 
 
 # --- report -------------------------------------------------------------------------------------
