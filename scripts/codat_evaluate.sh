@@ -18,9 +18,9 @@ codat tune-beta "$ckpt" --data-dir "$data" --split "$valid" --samples 128 --temp
 beta=$(python3 -c "import json; print(json.load(open('$out/tune_beta.json'))['best_beta'])")
 codat generate "$ckpt" -i "$data/$test.src.txt" -o "$out/$test.lookahead.hyp" --decoder lookahead
 codat generate "$ckpt" -i "$data/$test.src.txt" -o "$out/$test.sample128.hyp" --decoder sample \
-  --samples 128 --temperature 0.05 --top-p 0.5 --top-tokens 1 --beta "$beta"
+  --samples 128 --temperature 0.05 --top-p 0.5 --top-tokens 1 --rerank-token-weight "$beta"
 codat analyze "$ckpt" --data-dir "$data" --split "$test" --samples 128 --temperature 1 \
-  --top-p 0.5 --top-tokens 5 --beta "$beta" -o "$out/analyze_$test.json" > /dev/null
+  --top-p 0.5 --top-tokens 5 --rerank-token-weight "$beta" -o "$out/analyze_$test.json" > /dev/null
 python3 - "$out" "$test" "$beta" "$(bleu "$out/$test.lookahead.hyp" "$data/$test.ref.txt")" \
   "$(bleu "$out/$test.sample128.hyp" "$data/$test.ref.txt")" <<'PY'
 import json, sys

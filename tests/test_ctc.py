@@ -7,16 +7,25 @@ gradient w.r.t. the logits; `ctc_best_alignment` with the brute-force best path 
 tokens, empty and unalignable targets); `ctc_greedy_decode` with a Python collapse loop; glancing
 (count floor(ratio * d + 1/2), positions, seeds, a rigged perfect prediction, the decoder inputs,
 the restored RNG); `ctc_sample` (greedy at a tiny temperature, seeds, its output distribution
-against the exact one); unalignable sentences in the loss; and a tiny copy task.
+against the exact one); unalignable sentences in the loss; and a tiny copy task. The entry
+points: `ctc_step` with `ctc_training_loss` (dp) and with it + codat.weight * the hand-built CoDAT
+line (samples of the un-glanced output -> sentence BLEU -> dp_gate / duplicate_mask /
+choose_samples -> `ctc_output_scores` -> `sample_loss`) for codat and reward; `ctc_greedy_decoder`;
+and, end to end, CTC, CTC+GLAT and CoDAT on CTC samples through `codat train` / `codat generate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 
 import pytest
 import torch
+from cli_runs import check_codat_objective, check_trains_and_decodes
+from conftest import make_config
+from conftest import make_model as make_tiny_model
+from corpus import prepare_copy_task
 from reference import (
     brute_force_ctc_best_path,
     brute_force_ctc_log_likelihood,
@@ -25,25 +34,30 @@ from reference import (
     loop_uniform_copy,
 )
 
-from codat.config import ModelConfig
+from codat.config import CodatConfig, DecodeConfig, ModelConfig, RunConfig, TrainConfig
 from codat.ctc import (
     CTCModel,
-    CtcOutput,
-    ctc_best_alignment,
-    ctc_decode,
-    ctc_glance,
     ctc_glat_inputs,
+    ctc_greedy_decoder,
+    ctc_sentence_loss,
+    ctc_sequence_scores,
+    ctc_step,
+    ctc_training_loss,
+)
+from codat.ctc_maths import (
+    ctc_best_alignment,
+    ctc_glance,
     ctc_greedy_decode,
     ctc_log_likelihood,
     ctc_min_lengths,
     ctc_output_scores,
     ctc_sample,
-    ctc_sentence_loss,
-    ctc_sequence_scores,
-    ctc_training_loss,
 )
 from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, Batch
-from codat.nat import content_targets
+from codat.nat_core import content_targets
+from codat.objectives import sample_loss
+from codat.rewards import sentence_bleu
+from codat.selection import choose_samples, dp_gate, duplicate_mask
 
 
 def tiny_ctc(
@@ -122,7 +136,7 @@ def test_lengths_shapes_upsampled_inputs_and_padding_invariance():
             L = expected[b]
             torch.testing.assert_close(alone.token_logits[0], out.token_logits[b, :L])
     capped = tiny_ctc(scale=2.5, max_graph_positions=6)
-    assert capped.out_lens(batch.src_lens).tolist() == [min(x, 6) for x in expected]
+    assert capped.output_lengths(batch.src_lens).tolist() == [min(x, 6) for x in expected]
 
 
 def test_blank_vector_is_tied_between_output_and_glanced_input():
@@ -178,7 +192,7 @@ def test_ctc_sentence_loss_matches_brute_force_on_a_tiny_model():
         L = int(out.out_lens[b])
         ref = -float(brute_force_ctc_log_likelihood(logp[b, :L], y)) / max(len(y), 1)
         assert math.isclose(float(losses[b]), ref, rel_tol=1e-9), (b, float(losses[b]), ref)
-    loss, stats = ctc_training_loss(model, model, batch, ratio=0.0, generator=None)
+    loss, stats = ctc_training_loss(model, batch, ratio=0.0, generator=None)
     assert stats == {"invalid": 0}
     torch.testing.assert_close(loss, losses.mean())
 
@@ -209,7 +223,7 @@ def test_greedy_decode_matches_a_python_collapse():
     B, L, V = 8, 9, 7  # classes: specials 0, 2, 3, tokens 1, 4, 5, 6, blank 7
     logits = torch.randn(B, L, V + 1)
     out_lens = torch.tensor([9, 1, 5, 9, 3, 7, 2, 8])
-    tokens = ctc_greedy_decode(CtcOutput(logits, out_lens))
+    tokens = ctc_greedy_decode(logits, out_lens)
     best = logits.argmax(-1)
     refs = [loop_ctc_collapse(best[b, : out_lens[b]].tolist(), V, SPECIAL_IDS) for b in range(B)]
     assert tokens.shape == (B, max(max(len(r) for r in refs), 1))
@@ -217,9 +231,7 @@ def test_greedy_decode_matches_a_python_collapse():
     for b in range(B):
         assert tokens[b].tolist() == refs[b] + [PAD_ID] * (tokens.shape[1] - len(refs[b]))
     empty = ctc_greedy_decode(
-        CtcOutput(
-            torch.zeros(2, 3, V + 1).index_fill(2, torch.tensor([V]), 1.0), torch.tensor([3, 2])
-        )
+        torch.zeros(2, 3, V + 1).index_fill(2, torch.tensor([V]), 1.0), torch.tensor([3, 2])
     )
     assert empty.tolist() == [[PAD_ID], [PAD_ID]]
 
@@ -303,7 +315,7 @@ def test_glat_inputs_reveal_aligned_label_embeddings_and_restore_the_rng():
         logp = torch.log_softmax(model(batch.src_ids, batch.src_lens).token_logits, -1)
     torch.set_rng_state(before)
     expected, aligned = ctc_glance(
-        logp, model.out_lens(batch.src_lens), targets, target_lens, ratio=0.7,
+        logp, model.output_lengths(batch.src_lens), targets, target_lens, ratio=0.7,
         generator=torch.Generator().manual_seed(5),
     )  # fmt: skip
     assert torch.equal(reveal, expected) and int(reveal.sum()) > 0
@@ -318,14 +330,14 @@ def test_glat_training_loss_stats_and_gradients():
     model = tiny_ctc(scale=3.0, dropout=0.1).train()
     batch = make_batch([[4, 5, 6], [7, 8]], [[5, 6], [7, 7, 8]])
     loss, stats = ctc_training_loss(
-        model, model, batch, ratio=0.6, generator=torch.Generator().manual_seed(0)
+        model, batch, ratio=0.6, generator=torch.Generator().manual_seed(0)
     )
     assert set(stats) == {"invalid", "glanced"} and stats["invalid"] == 0
     assert 0 < stats["glanced"] <= 1
     loss.backward()
     assert torch.isfinite(loss) and model.blank.grad.abs().sum() > 0
     torch.manual_seed(4)  # ratio 0 = the plain forward, same dropout masks
-    plain, stats0 = ctc_training_loss(model, model, batch, ratio=0.0, generator=None)
+    plain, stats0 = ctc_training_loss(model, batch, ratio=0.0, generator=None)
     torch.manual_seed(4)
     targets, target_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
     out = model(batch.src_ids, batch.src_lens)
@@ -344,7 +356,7 @@ def test_unalignable_sentence_adds_zero_loss_and_is_counted():
     assert math.isinf(float(per[0])) and math.isfinite(float(per[1]))
     for ratio in (0.0, 0.5):
         loss, stats = ctc_training_loss(
-            model, model, batch, ratio=ratio, generator=torch.Generator().manual_seed(0)
+            model, batch, ratio=ratio, generator=torch.Generator().manual_seed(0)
         )
         assert stats["invalid"] == 1
         torch.testing.assert_close(loss, per[1] / 2)
@@ -360,18 +372,21 @@ def test_unalignable_sentence_adds_zero_loss_and_is_counted():
 
 def test_sample_at_tiny_temperature_is_greedy_and_seeds_reproduce():
     B, L, V = 3, 9, 7
-    out = CtcOutput(2 * torch.randn(B, L, V + 1), torch.tensor([9, 4, 7]))
-    greedy = ctc_greedy_decode(out)
+    logits, out_lens = 2 * torch.randn(B, L, V + 1), torch.tensor([9, 4, 7])
+    greedy = ctc_greedy_decode(logits, out_lens)
     tokens, lengths = ctc_sample(
-        out, 5, temperature=1e-4, generator=torch.Generator().manual_seed(0)
+        logits, out_lens, 5, temperature=1e-4, generator=torch.Generator().manual_seed(0)
     )
     assert tokens.shape == (B, 5, greedy.shape[1]) and lengths.shape == (B, 5)
     for k in range(5):
         assert torch.equal(tokens[:, k], greedy)
     assert torch.equal(lengths, (greedy != PAD_ID).sum(1, keepdim=True).expand(B, 5))
-    a = ctc_sample(out, 16, temperature=1.0, generator=torch.Generator().manual_seed(1))
-    b = ctc_sample(out, 16, temperature=1.0, generator=torch.Generator().manual_seed(1))
-    c = ctc_sample(out, 16, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    a, b, c = (
+        ctc_sample(
+            logits, out_lens, 16, temperature=1.0, generator=torch.Generator().manual_seed(s)
+        )
+        for s in (1, 1, 2)
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
     pos = torch.arange(a[0].shape[2])
@@ -386,7 +401,7 @@ def test_sample_distribution_matches_the_exact_collapsed_distribution():
     logp = random_logp(1, 3, 6, seed=7, scale=1.0)
     K = 20000
     tokens, lengths = ctc_sample(
-        CtcOutput(logp.float(), torch.tensor([3])), K, temperature=1.0,
+        logp.float(), torch.tensor([3]), K, temperature=1.0,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     counts = Counter(tuple(tokens[0, k, : lengths[0, k]].tolist()) for k in range(K))
@@ -412,7 +427,7 @@ def test_output_scores_match_brute_force_in_value_and_gradient():
             tokens[b, k, : len(y)] = torch.tensor(y, dtype=torch.long)
             lengths[b, k] = len(y)
     tokens[0, 2, 1] = 4  # junk beyond the length must be ignored
-    scores = ctc_output_scores(CtcOutput(logits, out_lens), tokens, lengths)
+    scores = ctc_output_scores(logits, out_lens, tokens, lengths)
     logp = torch.log_softmax(logits, -1)
     ref = torch.stack(
         [
@@ -442,8 +457,9 @@ def test_sequence_scores_of_the_models_own_samples():
     with torch.no_grad():
         out = model(batch.src_ids, batch.src_lens)
     tokens, lengths = ctc_sample(
-        out, 6, temperature=2.0, generator=torch.Generator().manual_seed(3)
-    )
+        out.token_logits, out.out_lens, 6, temperature=2.0,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
     tokens[0, 0] = PAD_ID  # an empty candidate
     lengths[0, 0] = 0
     scores = ctc_sequence_scores(model, batch.src_ids, batch.src_lens, tokens, lengths)
@@ -481,17 +497,122 @@ def test_ctc_learns_a_tiny_copy_task():
     test = copy_batch(torch.Generator().manual_seed(123), 64, vocab)
     model.train()
     for _ in range(100):
-        loss, _ = ctc_training_loss(
-            model, model, copy_batch(data, 32, vocab), ratio=0.3, generator=glance
-        )
+        loss, _ = ctc_training_loss(model, copy_batch(data, 32, vocab), ratio=0.3, generator=glance)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    out = ctc_decode(model, test.src_ids, test.src_lens)
+    out = ctc_greedy_decoder(model, test.src_ids, test.src_lens, DecodeConfig(), None)
     ref, ref_lens = content_targets(test.tgt_ids, test.tgt_lens)
     exact = sum(
         [t for t in out[b].tolist() if t != PAD_ID] == ref[b, : ref_lens[b]].tolist()
         for b in range(64)
     )
     assert exact >= 40, exact
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step and the decoder
+
+
+def run_config(objective: str = "dp", **codat) -> RunConfig:
+    return RunConfig(
+        model=make_config("ctc"), train=TrainConfig(objective=objective), codat=CodatConfig(**codat)
+    )
+
+
+def test_ctc_step_is_the_training_loss_with_or_without_glancing():
+    model = make_tiny_model("ctc", dropout=0.1).train()
+    batch = make_batch([[4, 5, 6], [7, 8], [9, 10, 11, 4]], [[5, 6], [7, 7, 8], [9, 11, 10]])
+    for ratio in (0.0, 0.6):
+        torch.manual_seed(7)
+        loss, stats = ctc_step(
+            model, batch, cfg=run_config(), ratio=ratio,
+            generator=torch.Generator().manual_seed(1), autocast=contextlib.nullcontext(),
+        )  # fmt: skip
+        torch.manual_seed(7)
+        ref, ref_stats = ctc_training_loss(
+            model, batch, ratio=ratio, generator=torch.Generator().manual_seed(1)
+        )
+        torch.testing.assert_close(loss, ref)
+        assert stats == ref_stats and ("glanced" in stats) == (ratio > 0)
+
+
+@pytest.mark.parametrize("objective", ["codat", "reward"])
+def test_ctc_step_adds_the_sample_loss_of_the_chosen_samples_scored_directly(objective):
+    """Two of the four sentences pass the gate (alpha between their reference losses)."""
+    model = make_tiny_model("ctc", upsample_scale=3.0).train()
+    batch = make_batch(
+        [[4, 5, 6], [7, 8, 9], [9, 10, 11, 4], [5, 6]], [[5, 6], [7, 7, 8], [9, 11, 10], [6]]
+    )
+    losses = ctc_sentence_loss(model, batch).sort().values
+    alpha = float(losses[1] + losses[2]) / 2
+    cc = CodatConfig(
+        samples=6, keep=0.5, temperature=1.5, weight=0.7, margin=0.05, reward_samples=4,
+        alpha=alpha,
+    )  # fmt: skip
+    cfg = RunConfig(model=make_config("ctc"), train=TrainConfig(objective=objective), codat=cc)
+    loss, stats = ctc_step(
+        model, batch, cfg=cfg, ratio=0.0, generator=torch.Generator().manual_seed(4),
+        autocast=contextlib.nullcontext(),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    base, _ = ctc_training_loss(model, batch, ratio=0.0, generator=g)
+    out = model(batch.src_ids, batch.src_lens)
+    tokens, lengths = ctc_sample(out.token_logits, out.out_lens, 6, temperature=1.5, generator=g)
+    ref_ids, ref_lens = content_targets(batch.tgt_ids, batch.tgt_lens)
+    rewards = sentence_bleu(tokens, lengths, ref_ids, ref_lens).float() / 100
+    gate = dp_gate(ctc_sentence_loss(model, batch), alpha=cc.gate())
+    duplicates = duplicate_mask(tokens, lengths, pad_id=PAD_ID)
+    count = cc.kept if objective == "codat" else cc.reward_samples
+    chosen = choose_samples(
+        tokens, lengths, rewards, duplicates, gate, objective=objective, count=count
+    )
+    rows = chosen.rows
+    scores = ctc_output_scores(
+        out.token_logits[rows], out.out_lens[rows], chosen.tokens, chosen.lengths
+    )
+    term = sample_loss(
+        scores, chosen.rewards, chosen.distinct, rewards[rows].mean(1), objective=objective,
+        margin=cc.margin, tie=cc.tie,
+    )  # fmt: skip
+    assert len(rows) == 2 and stats["gate_pass"] == 0.5
+    torch.testing.assert_close(loss, base + 0.7 * term * 0.5)
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    assert stats[key] == pytest.approx(float(term.detach())) and float(term.detach()) != 0
+    assert stats["dp_loss"] == pytest.approx(float(base.detach()))
+    assert stats["oracle_bleu"] == pytest.approx(float(rewards.amax(1).mean()) * 100)
+    model.zero_grad()
+    (loss - base.detach()).backward()
+    assert model.blank.grad.abs().sum() > 0
+
+
+def test_greedy_decoder_is_best_path_decoding_of_the_output():
+    model = make_tiny_model("ctc").eval()
+    batch = make_batch([[4, 5, 6], [7, 8]], [[5], [7]])
+    got = ctc_greedy_decoder(model, batch.src_ids, batch.src_lens, DecodeConfig(), None)
+    with torch.no_grad():
+        out = model(batch.src_ids, batch.src_lens)
+    assert torch.equal(got, ctc_greedy_decode(out.token_logits, out.out_lens))
+    lens = batch.src_lens
+    assert torch.equal(model.output_lengths(lens), out.out_lens)
+    assert torch.equal(model.max_target_lens(lens), out.out_lens)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the CLI
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_copy_task(tmp_path_factory.mktemp("ctc_cli"))
+
+
+@pytest.mark.parametrize("glance", [0.0, 0.5], ids=["ctc", "ctc_glat"])
+def test_ctc_trains_and_decodes_end_to_end(data, capsys, glance):
+    check_trains_and_decodes(data, capsys, "ctc", glance, 0.0)
+
+
+def test_codat_objective_on_ctc_samples(data):
+    """CTC + position-wise samples."""
+    check_codat_objective(data, "ctc")

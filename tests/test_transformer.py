@@ -8,22 +8,44 @@ the best of all output sequences enumerated and scored by the full forward
 (`reference.loop_beam_search`) for beams 1-3; batched decoding with each sentence decoded alone;
 `label_smoothed_nll` with a per-token loop (`reference.loop_label_smoothed_nll`) in value and
 gradient, and with `F.cross_entropy` at epsilon 0; and, end to end, greedy decoding of a model
-trained for 200 steps on a copy task with the sources.
+trained for 200 steps on a copy task with the sources. The entry points: `at_step` with
+`label_smoothed_nll` of the teacher-forced logits, `at_sentence_loss` with a per-sentence NLL,
+the decoders with `beam_search` / `greedy_search`; and, end to end through the CLI, training and
+decoding, `codat distill`, `codat benchmark speed` over every arch, and the arch mismatch errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import check_trains_and_decodes, train_run
+from conftest import make_batch, make_config, make_model
+from corpus import prepare_copy_task, run_cli
 from reference import loop_beam_search, loop_label_smoothed_nll, rank_all_sequences
 from torch import nn
 
-from codat.config import ModelConfig
-from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from codat.transformer import ATransformer, beam_search, greedy_search, label_smoothed_nll
+from codat.cli import main
+from codat.config import DecodeConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict
+from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Batch
+from codat.generate import Translator
+from codat.transformer import (
+    ATransformer,
+    at_beam_decoder,
+    at_greedy_decoder,
+    at_sentence_loss,
+    at_step,
+    beam_search,
+    greedy_search,
+    label_smoothed_nll,
+    teacher_forcing,
+)
 
 
 def _model(vocab_size: int = 30, *, std: float | None = 0.3, seed: int = 0) -> ATransformer:
@@ -40,7 +62,7 @@ def _model(vocab_size: int = 30, *, std: float | None = 0.3, seed: int = 0) -> A
         decoder_layers=2,
         dropout=0.0,
         max_source_positions=16,
-        max_graph_positions=32,
+        max_target_positions=32,
     )
     model = ATransformer(cfg).eval()
     if std is not None:
@@ -306,7 +328,7 @@ def test_embeddings_are_shared_and_too_long_targets_raise():
     assert shaped_like_vocab == ["embed.weight"]  # encoder, decoder input and output share it
     assert model.encoder.embed is model.embed
     src_ids, src_lens = _sources([3], 30)
-    with pytest.raises(ValueError, match="max_graph_positions"):
+    with pytest.raises(ValueError, match="max_target_positions"):
         model(src_ids, src_lens, torch.full((1, 33), 5))
     with pytest.raises(ValueError, match="beam"):
         beam_search(model, src_ids, src_lens, beam=0)
@@ -324,3 +346,154 @@ def test_copy_task_trains_and_greedy_decoding_reproduces_the_sources():
         for b in range(100)
     )
     assert correct >= 75, correct
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def test_at_step_is_the_label_smoothed_nll_of_teacher_forcing():
+    model = make_model("at").train()
+    batch = make_batch([5, 3, 6], [4, 6, 2], seed=1)
+    cfg = RunConfig(model=make_config("at"), train=TrainConfig(label_smoothing=0.1))
+    loss, stats = at_step(
+        model, batch, cfg=cfg, ratio=0.5, generator=None, autocast=contextlib.nullcontext()
+    )
+    prev, target = teacher_forcing(batch)
+    assert prev[:, 0].eq(BOS_ID).all() and not prev.eq(EOS_ID).any()
+    ref, nll = label_smoothed_nll(
+        model(batch.src_ids, batch.src_lens, prev), target, pad_id=PAD_ID, epsilon=0.1
+    )
+    torch.testing.assert_close(loss, ref)
+    assert stats == {"nll": float(nll.detach())}
+
+
+def test_at_teacher_forcing_loss_is_the_mean_target_token_nll():
+    cfg = ModelConfig(
+        arch="at", vocab_size=12, dim=16, heads=2, ffn_dim=32, encoder_layers=1,
+        decoder_layers=1, dropout=0.0, max_target_positions=16,
+    )  # fmt: skip
+    model = ATransformer(cfg).eval()
+    src = torch.tensor([[5, 6, EOS_ID], [7, EOS_ID, PAD_ID]])
+    tgt = torch.tensor([[BOS_ID, 8, 9, 10, EOS_ID], [BOS_ID, 11, EOS_ID, PAD_ID, PAD_ID]])
+    batch = Batch(src, torch.tensor([3, 2]), tgt, torch.tensor([5, 3]), torch.arange(2))
+    got = at_sentence_loss(model, batch)
+    for b, n in enumerate((5, 3)):
+        prev = tgt[b : b + 1, : n - 1]
+        logp = torch.log_softmax(model(src[b : b + 1], batch.src_lens[b : b + 1], prev)[0], -1)
+        nll = -logp.gather(1, tgt[b, 1:n].unsqueeze(1)).mean()
+        assert got[b].item() == pytest.approx(nll.item(), abs=1e-5)
+
+
+def test_decoders_run_beam_and_greedy_search_with_the_decode_settings(half_trained):
+    src_ids, src_lens = _sources([6, 2, 4, 1, 7], 30)
+    dc = DecodeConfig(beam=3, length_penalty=0.6, max_len_a=1.0, max_len_b=2)
+    got = at_beam_decoder(half_trained, src_ids, src_lens, dc, None)
+    want = beam_search(
+        half_trained, src_ids, src_lens, beam=3, length_penalty=0.6, max_len_a=1.0, max_len_b=2
+    )
+    assert torch.equal(got, want)
+    got = at_greedy_decoder(half_trained, src_ids, src_lens, dc, None)
+    assert torch.equal(
+        got, greedy_search(half_trained, src_ids, src_lens, max_len_a=1.0, max_len_b=2)
+    )
+    assert torch.equal(half_trained.output_lengths(src_lens), src_lens)
+    assert half_trained.max_target_lens(src_lens).tolist() == [33] * 5  # 32 positions: <s> y
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the CLI
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_copy_task(tmp_path_factory.mktemp("at_cli"))
+
+
+def test_at_trains_and_decodes_end_to_end(data, capsys):
+    check_trains_and_decodes(data, capsys, "at", 0.0, 0.1)
+
+
+def test_distill_writes_one_output_per_source_line_and_feeds_prepare(data, capsys):
+    teacher, _, _ = train_run(data, "at_teacher", "at", steps=10)
+    src = data.parent / "raw" / "train.de"
+    out = data.parent / "distill" / "train.en"
+    run_cli(["distill", str(teacher), str(src), str(out), "--beam", "2"])
+    n = len(src.read_text().splitlines())
+    assert len(out.read_text().splitlines()) == n
+    assert not list(out.parent.glob(".*"))  # no temporary left
+    translator = Translator.from_dir(teacher)
+    expected = translator.generate(
+        src.read_text().splitlines()[:3], replace(translator.decode_cfg, beam=2)
+    )
+    assert out.read_text().splitlines()[:3] == expected
+    (out.parent / "train.de").symlink_to(src)
+    raw = data.parent / "raw"
+    run_cli(
+        [
+            "prepare", "--src", "de", "--tgt", "en", "--train", str(out.parent / "train"),
+            "--valid", str(raw / "val"), "--out", str(data.parent / "distilled_data"),
+            "--vocab-size", "60",
+        ]
+    )  # fmt: skip
+    assert (data.parent / "distilled_data" / "meta.json").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["distill", str(teacher), str(data.parent / "missing.de"), str(out)])
+    assert e.value.code == 1 and "missing.de" in capsys.readouterr().err
+
+
+def test_benchmark_speed_times_every_decoder_of_every_run_against_at_beam(data, capsys):
+    runs = {
+        arch: train_run(data, f"speed_{arch}", arch, steps=3)[0]
+        for arch in ("at", "nat", "ctc", "cmlm", "dat")
+    }
+    out = data.parent / "speed.json"
+    capsys.readouterr()
+    run_cli(
+        [
+            "benchmark", "speed", *(f"{arch}={run}" for arch, run in runs.items()),
+            "-i", str(data / "test.src.txt"), "--max-sentences", "2", "--repeats", "1",
+            "--samples", "4", "--json", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    expected = [
+        "at beam", "at greedy", "nat argmax", "nat npd-4", "ctc greedy", "cmlm iter-1",
+        "cmlm iter-4", "cmlm iter-10", "dat greedy", "dat lookahead", "dat viterbi",
+        "dat sample-4",
+    ]  # fmt: skip
+    assert list(result["ms_per_sentence"]) == expected
+    assert result["relative_to"] == "at beam" and result["speedup"]["at beam"] == 1.0
+    for name in expected:
+        ms = result["ms_per_sentence"][name]
+        assert ms > 0 and name in printed
+        assert result["speedup"][name] == pytest.approx(result["ms_per_sentence"]["at beam"] / ms)
+    assert "speed-up" in printed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.arch=at", "decode.decoder=lookahead"], "decoder 'lookahead'.*arch=at"),
+        (["model.arch=at", "train.objective=codat"], "train.objective='codat'.*arch=at"),
+        (["model.arch=transformer"], "model.arch='transformer'"),
+    ],
+)
+def test_arch_mismatches_are_errors_naming_the_key(data, tmp_path, capsys, overrides, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(  # tiny and one step, so that a missing check fails fast instead of training
+        f"run_dir: {tmp_path / 'bad'}\ndata: {{dir: {data}}}\n"
+        "model: {dim: 32, heads: 2, ffn_dim: 64, encoder_layers: 1, decoder_layers: 1}\n"
+        "train: {max_steps: 1, eval_every: 1, threads: 1}\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg), *overrides])
+    assert e.value.code == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()  # nothing half-written
+
+
+def test_unknown_arch_in_config_dict():
+    with pytest.raises(ValueError, match="model.arch='rnn'"):
+        config_from_dict({"model": {"arch": "rnn"}})

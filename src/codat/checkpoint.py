@@ -160,27 +160,3 @@ def average_checkpoints(paths: list[pathlib.Path], out: str | pathlib.Path) -> N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def main_average(argv: list[str] | None = None) -> int:
-    """`codat average RUN_DIR [--out DIR]`: average the kept best checkpoints of a run."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="codat average", description=main_average.__doc__)
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="output checkpoint dir (default RUN_DIR/averaged)")
-    a = p.parse_args(argv)
-    run = pathlib.Path(a.run_dir)
-    state_file = run / "last" / "trainer_state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} not found: is {run} a codat run directory?")
-    best = json.loads(state_file.read_text())["best"]
-    paths = [run / "checkpoints" / name for _, _, name in best]
-    missing = [str(x) for x in paths if not (x / "model.safetensors").is_file()]
-    if missing:
-        raise FileNotFoundError(f"missing checkpoints: {missing}")
-    out = pathlib.Path(a.out) if a.out else run / "averaged"
-    average_checkpoints(paths, out)
-    scores = [round(b[0], 2) for b in best]
-    print(f"averaged {len(paths)} checkpoints (valid BLEU {scores}) -> {out}")
-    return 0

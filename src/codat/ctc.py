@@ -54,14 +54,13 @@ from codat.ctc_maths import (
     ctc_sample,
 )
 from codat.dat import graph_lengths
-from codat.dat_train import sample_stats
 from codat.data import PAD_ID, Batch
 from codat.glancing import replay_rng
 from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
 from codat.nat_core import content_targets, uniform_copy_indices
 from codat.objectives import log_softmax_fp32, sample_loss
 from codat.rewards import sentence_bleu
-from codat.selection import choose_samples, dp_gate, duplicate_mask
+from codat.selection import choose_samples, dp_gate, duplicate_mask, sample_stats
 
 
 class CtcOutput(NamedTuple):

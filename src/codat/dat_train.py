@@ -29,7 +29,7 @@ from codat.objectives import (
     samples_log_q,
 )
 from codat.rewards import sentence_bleu
-from codat.selection import choose_samples, dp_gate, duplicate_mask
+from codat.selection import choose_samples, dp_gate, duplicate_mask, sample_stats
 
 SAMPLE_OBJECTIVES = ("codat", "reward")
 
@@ -245,18 +245,3 @@ def codat_term(
     )
     stats[key] = float(loss.detach())
     return loss * (len(rows) / len(gate)), stats
-
-
-def sample_stats(
-    rewards: torch.Tensor,  # (B, K) sentence BLEU / 100 of every sample
-    duplicates: torch.Tensor,  # (B, K) bool
-    gate: torch.Tensor,  # (B,) bool
-) -> dict[str, float]:
-    """The logged statistics of the sample term: the fraction of sentences through the gate and
-    of distinct samples, the mean and the best-of-K (oracle) sentence BLEU."""
-    return {
-        "gate_pass": float(gate.float().mean()),
-        "distinct": float((~duplicates).float().mean()),
-        "sample_bleu": float(rewards.mean()) * 100,
-        "oracle_bleu": float(rewards.amax(1).mean()) * 100,
-    }

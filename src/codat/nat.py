@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from codat.config import CodatConfig, DecodeConfig, ModelConfig, RunConfig
-from codat.dat_train import sample_stats
 from codat.data import PAD_ID, Batch
 from codat.glancing import replay_rng
 from codat.layers import bert_init
@@ -49,7 +48,7 @@ from codat.nat_core import (
 from codat.npd import nat_decode, nat_sample_scores, npd_samples, pick_best_npd
 from codat.objectives import sample_loss
 from codat.rewards import sentence_bleu
-from codat.selection import choose_samples, dp_gate, duplicate_mask
+from codat.selection import choose_samples, dp_gate, duplicate_mask, sample_stats
 
 
 class VanillaNAT(nn.Module):

@@ -82,3 +82,18 @@ def choose_samples(
         rewards[rows].gather(1, idx),
         ~duplicates[rows].gather(1, idx),
     )
+
+
+def sample_stats(
+    rewards: torch.Tensor,  # (B, K) sentence BLEU / 100 of every sample
+    duplicates: torch.Tensor,  # (B, K) bool
+    gate: torch.Tensor,  # (B,) bool
+) -> dict[str, float]:
+    """The logged statistics of the sample term: the fraction of sentences through the gate and
+    of distinct samples, the mean and the best-of-K (oracle) sentence BLEU."""
+    return {
+        "gate_pass": float(gate.float().mean()),
+        "distinct": float((~duplicates).float().mean()),
+        "sample_bleu": float(rewards.mean()) * 100,
+        "oracle_bleu": float(rewards.amax(1).mean()) * 100,
+    }
