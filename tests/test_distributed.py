@@ -391,7 +391,8 @@ def _cases_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         result = {}
         for case in CASES:
             step = _step(case[0], case[1])
-            loss, stats = _case_loss(DistributedDataParallel(step), case, rank)
+            model = DistributedDataParallel(step)  # held: its hooks all-reduce in backward()
+            loss, stats = _case_loss(model, case, rank)
             loss.backward()
             result[case] = (float(loss.detach()), stats, _grads(step))
         distributed.barrier(info)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from codat.config import ModelConfig
-from codat.dat import DATransformer
+from codat.dat import DATransformer, graph_lengths
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from codat.objectives import dag_nll, gather_token_logp
 
@@ -95,7 +95,10 @@ def test_graph_lens_are_floor_lambda_m_clipped_at_two(scale):
     model = _model(upsample_scale=scale)
     m = list(range(1, 30))
     expected = [max(2, math.floor(scale * x)) for x in m]
-    assert model.graph_lengths(torch.tensor(m)).tolist() == expected
+    assert model.output_lengths(torch.tensor(m)).tolist() == expected
+    assert model.max_target_lens(torch.tensor(m)).tolist() == expected  # one vertex per token
+    lens = graph_lengths(torch.tensor(m), upsample_scale=scale, max_positions=10**6, min_length=1)
+    assert lens.tolist() == [math.floor(scale * x) for x in m]  # CTC's clip: at least 1
 
 
 def test_graph_lens_clipped_to_max_graph_positions_and_used_by_forward():
