@@ -22,7 +22,14 @@ from reference import loop_choose_samples, loop_dp_gate, loop_duplicate_mask
 from codat.config import CodatConfig
 from codat.data import BOS_ID, EOS_ID, PAD_ID
 from codat.objectives import sample_targets
-from codat.selection import choose_samples, dp_gate, duplicate_mask
+from codat.selection import (
+    choose_samples,
+    dp_gate,
+    duplicate_mask,
+    sample_stats,
+    sample_term,
+    select_samples,
+)
 
 INF, NAN = math.inf, math.nan
 
@@ -258,3 +265,58 @@ def test_kept_count():
             CodatConfig(**bad)
     with pytest.raises(ValueError, match="codat.keep"):
         CodatConfig(keep=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_samples and sample_term: the shared tail of every model's sample term
+
+
+@pytest.mark.parametrize("objective", ["codat", "reward"])
+def test_select_samples_then_sample_term_equal_the_pieces_composed(objective):
+    from codat.objectives import contrastive_loss, reinforce_loss
+
+    tokens, lengths, rewards, _ = _random_case(3)
+    B, K, _ = tokens.shape
+    ref_loss = torch.linspace(0.5, 3.0, B)
+    ref_loss[1] = INF  # no path: never through the gate
+    alpha, count = 2.0, 3
+    selected = select_samples(
+        tokens, lengths, rewards, ref_loss, objective=objective, count=count, alpha=alpha,
+        pad_id=PAD_ID,
+    )  # fmt: skip
+    gate = dp_gate(ref_loss, alpha=alpha)
+    duplicates = duplicate_mask(tokens, lengths, pad_id=PAD_ID)
+    chosen = choose_samples(
+        tokens, lengths, rewards, duplicates, gate, objective=objective, count=count
+    )
+    for got, want in zip(selected.chosen, chosen, strict=True):
+        assert torch.equal(got, want)
+    assert selected.gate_fraction == len(chosen.rows) / B
+    torch.testing.assert_close(selected.baseline, rewards[chosen.rows].mean(1))
+    assert selected.stats == sample_stats(rewards, duplicates, gate)
+
+    # Worse samples scored higher: every ranking constraint is violated.
+    scores = (-chosen.rewards).clone().requires_grad_()
+    loss, stats = sample_term(scores, selected, objective=objective, margin=0.01, tie=0.001)
+    if objective == "codat":
+        want = contrastive_loss(
+            scores, chosen.rewards, margin=0.01, mask=chosen.distinct, tie=0.001
+        )
+    else:
+        want = reinforce_loss(scores, chosen.rewards, selected.baseline)
+    torch.testing.assert_close(loss, want * len(chosen.rows) / B)
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    assert stats == {**selected.stats, key: pytest.approx(float(want))}
+    loss.backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+
+def test_sample_term_is_zero_when_no_sentence_passes_the_gate():
+    tokens, lengths, rewards, _ = _random_case(0)
+    ref_loss = torch.full((tokens.shape[0],), 5.0)
+    selected = select_samples(
+        tokens, lengths, rewards, ref_loss, objective="codat", count=2, alpha=1.0, pad_id=PAD_ID
+    )
+    assert len(selected.chosen.rows) == 0 and selected.gate_fraction == 0.0
+    loss, stats = sample_term(None, selected, objective="codat", margin=0.01, tie=0.0)
+    assert loss.item() == 0.0 and stats["cl_loss"] == 0.0 and stats["gate_pass"] == 0.0

@@ -171,6 +171,11 @@ class CodatConfig:
         """How many samples per sentence codat ranks: ceil(keep * K), at least 2."""
         return max(2, math.ceil(self.samples * self.keep))
 
+    def per_sentence(self, objective: str) -> int:
+        """Samples per sentence that carry gradient: codat ranks `kept`, reward uses the first
+        `reward_samples`."""
+        return self.kept if objective == "codat" else self.reward_samples
+
     def gate(self) -> float:
         """The DP-loss threshold alpha (inf when unset, i.e. before the start calibrates it)."""
         return self.alpha if self.alpha > 0 else math.inf

@@ -58,9 +58,9 @@ from codat.data import PAD_ID, Batch
 from codat.glancing import replay_rng
 from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
 from codat.nat_core import content_targets, uniform_copy_indices
-from codat.objectives import log_softmax_fp32, sample_loss
+from codat.objectives import log_softmax_fp32
 from codat.rewards import sentence_bleu
-from codat.selection import choose_samples, dp_gate, duplicate_mask, sample_stats
+from codat.selection import sample_term, select_samples
 
 
 class CtcOutput(NamedTuple):
@@ -293,38 +293,24 @@ def ctc_codat_term(
     with torch.no_grad():
         logp = log_softmax_fp32(out.token_logits.detach())
         ll = ctc_log_likelihood(logp, out.out_lens, ref_ids, ref_lens)
-        gate = dp_gate(_normalised_nll(ll, ref_lens), alpha=alpha)
         rewards = sentence_bleu(tokens, lengths, ref_ids, ref_lens).float() / 100
-        duplicates = duplicate_mask(tokens, lengths, pad_id=PAD_ID)
-    chosen = choose_samples(
+    selected = select_samples(
         tokens,
         lengths,
         rewards,
-        duplicates,
-        gate,
+        _normalised_nll(ll, ref_lens),
         objective=objective,
-        count=codat.kept if objective == "codat" else codat.reward_samples,
+        count=codat.per_sentence(objective),
+        alpha=alpha,
+        pad_id=PAD_ID,
     )
-    stats = sample_stats(rewards, duplicates, gate)
-    key = "cl_loss" if objective == "codat" else "reward_loss"
-    if len(chosen.rows) == 0:
-        stats[key] = 0.0
-        return rewards.new_zeros(()), stats
-    rows = chosen.rows
-    scores = ctc_output_scores(
-        out.token_logits[rows], out.out_lens[rows], chosen.tokens, chosen.lengths
-    )  # (b, k), with grad
-    loss = sample_loss(
-        scores,
-        chosen.rewards,
-        chosen.distinct,
-        rewards[rows].mean(1),
-        objective=objective,
-        margin=codat.margin,
-        tie=codat.tie,
-    )
-    stats[key] = float(loss.detach())
-    return loss * (len(rows) / len(gate)), stats
+    scores, chosen = None, selected.chosen
+    if len(chosen.rows):
+        rows = chosen.rows
+        scores = ctc_output_scores(
+            out.token_logits[rows], out.out_lens[rows], chosen.tokens, chosen.lengths
+        )  # (b, k), with grad
+    return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)
 
 
 def ctc_sequence_scores(

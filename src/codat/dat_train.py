@@ -24,12 +24,11 @@ from codat.objectives import (
     dag_nll,
     gather_token_logp,
     log_softmax_fp32,
-    sample_loss,
     sample_targets,
     samples_log_q,
 )
 from codat.rewards import sentence_bleu
-from codat.selection import choose_samples, dp_gate, duplicate_mask, sample_stats
+from codat.selection import sample_term, select_samples
 
 SAMPLE_OBJECTIVES = ("codat", "reward")
 
@@ -210,38 +209,24 @@ def codat_term(
     ref_ids, ref_lens = batch.tgt_ids[:, 1:], batch.tgt_lens - 2  # without <s> and </s>
     with torch.no_grad():
         rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
-        gate = dp_gate(reference_loss(token_logp_vocab, out, batch), alpha=alpha)
-        duplicates = duplicate_mask(samples.tokens, samples.lengths, pad_id=PAD_ID)
-    count = codat.kept if objective == "codat" else codat.reward_samples
-    chosen = choose_samples(
+        ref_loss = reference_loss(token_logp_vocab, out, batch)
+    selected = select_samples(
         samples.tokens,
         samples.lengths,
         rewards,
-        duplicates,
-        gate,
+        ref_loss,
         objective=objective,
-        count=count,
+        count=codat.per_sentence(objective),
+        alpha=alpha,
+        pad_id=PAD_ID,
     )
-    stats = sample_stats(rewards, duplicates, gate)
-    key = "cl_loss" if objective == "codat" else "reward_loss"
-    if len(chosen.rows) == 0:
-        stats[key] = 0.0
-        return rewards.new_zeros(()), stats
-    rows = chosen.rows
-    targets, target_lens = sample_targets(
-        chosen.tokens, chosen.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
-    )
-    scores = samples_log_q(
-        token_logp_vocab[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
-    )  # (b, k), with grad
-    loss = sample_loss(
-        scores,
-        chosen.rewards,
-        chosen.distinct,
-        rewards[rows].mean(1),
-        objective=objective,
-        margin=codat.margin,
-        tie=codat.tie,
-    )
-    stats[key] = float(loss.detach())
-    return loss * (len(rows) / len(gate)), stats
+    scores, chosen = None, selected.chosen
+    if len(chosen.rows):
+        rows = chosen.rows
+        targets, target_lens = sample_targets(
+            chosen.tokens, chosen.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+        )
+        scores = samples_log_q(
+            token_logp_vocab[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
+        )  # (b, k), with grad
+    return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)

@@ -46,9 +46,8 @@ from codat.nat_core import (
     uniform_copy_indices,
 )
 from codat.npd import nat_decode, nat_sample_scores, npd_samples, pick_best_npd
-from codat.objectives import sample_loss
 from codat.rewards import sentence_bleu
-from codat.selection import choose_samples, dp_gate, duplicate_mask, sample_stats
+from codat.selection import sample_term, select_samples
 
 
 class VanillaNAT(nn.Module):
@@ -291,38 +290,24 @@ def nat_codat_term(
         ref_loss = nat_sentence_loss(model, batch)
     with torch.no_grad():
         rewards = sentence_bleu(samples.tokens, samples.lengths, ref_ids, ref_lens).float() / 100
-        gate = dp_gate(ref_loss, alpha=alpha)
-        duplicates = duplicate_mask(samples.tokens, samples.lengths, pad_id=PAD_ID)
-    chosen = choose_samples(
+    selected = select_samples(
         samples.tokens,
         samples.lengths,
         rewards,
-        duplicates,
-        gate,
+        ref_loss,
         objective=objective,
-        count=codat.kept if objective == "codat" else codat.reward_samples,
+        count=codat.per_sentence(objective),
+        alpha=alpha,
+        pad_id=PAD_ID,
     )
-    stats = sample_stats(rewards, duplicates, gate)
-    key = "cl_loss" if objective == "codat" else "reward_loss"
-    if len(chosen.rows) == 0:
-        stats[key] = 0.0
-        return rewards.new_zeros(()), stats
-    rows = chosen.rows
-    with autocast:
-        scores = nat_sample_scores(
-            model, batch.src_ids[rows], batch.src_lens[rows], chosen.tokens, chosen.lengths
-        ).float()  # (b, k), with grad
-    loss = sample_loss(
-        scores,
-        chosen.rewards,
-        chosen.distinct,
-        rewards[rows].mean(1),
-        objective=objective,
-        margin=codat.margin,
-        tie=codat.tie,
-    )
-    stats[key] = float(loss.detach())
-    return loss * (len(rows) / len(gate)), stats
+    scores, chosen = None, selected.chosen
+    if len(chosen.rows):
+        rows = chosen.rows
+        with autocast:
+            scores = nat_sample_scores(
+                model, batch.src_ids[rows], batch.src_lens[rows], chosen.tokens, chosen.lengths
+            ).float()  # (b, k), with grad
+    return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from codat.objectives import sample_loss
+
 
 def dp_gate(
     ref_loss: torch.Tensor,  # (B,) the model's length-normalised loss of each reference
@@ -97,3 +99,65 @@ def sample_stats(
         "sample_bleu": float(rewards.mean()) * 100,
         "oracle_bleu": float(rewards.amax(1).mean()) * 100,
     }
+
+
+class Selected(NamedTuple):
+    chosen: ChosenSamples  # the samples that carry gradient
+    baseline: torch.Tensor  # (b,) mean reward of all K samples of each chosen sentence
+    gate_fraction: float  # sentences through the gate / B
+    stats: dict[str, float]  # `sample_stats`
+
+
+def select_samples(
+    tokens: torch.Tensor,  # (B, K, T) sample ids
+    lengths: torch.Tensor,  # (B, K)
+    rewards: torch.Tensor,  # (B, K) sentence BLEU / 100
+    ref_loss: torch.Tensor,  # (B,) the model's length-normalised loss of each reference
+    *,
+    objective: str,  # "codat" or "reward"
+    count: int,  # codat: samples kept per sentence; reward: the first `count`
+    alpha: float,  # the DP-loss gate
+    pad_id: int,
+) -> Selected:
+    """CoDAT's selection, without grad: `dp_gate`, `duplicate_mask`, `choose_samples`, and the
+    statistics that the training log shows."""
+    with torch.no_grad():
+        gate = dp_gate(ref_loss, alpha=alpha)
+        duplicates = duplicate_mask(tokens, lengths, pad_id=pad_id)
+        chosen = choose_samples(
+            tokens, lengths, rewards, duplicates, gate, objective=objective, count=count
+        )
+        baseline = rewards[chosen.rows].mean(1)
+    return Selected(
+        chosen, baseline, len(chosen.rows) / len(gate), sample_stats(rewards, duplicates, gate)
+    )
+
+
+def sample_term(
+    scores: torch.Tensor | None,  # (b, k) length-normalised log q of the chosen samples, with grad
+    selected: Selected,
+    *,
+    objective: str,  # "codat" or "reward"
+    margin: float,
+    tie: float,
+) -> tuple[torch.Tensor, dict[str, float]]:  # scalar, stats
+    """`objectives.sample_loss` of the chosen samples, scaled by the fraction of sentences through
+    the gate (the others add 0, as in the DP loss's mean); exactly 0 when none passed (then
+    `scores` is None). Adds "cl_loss" (codat) or "reward_loss" (reward) to the statistics."""
+    stats = dict(selected.stats)
+    key = "cl_loss" if objective == "codat" else "reward_loss"
+    chosen = selected.chosen
+    if scores is None or len(chosen.rows) == 0:
+        stats[key] = 0.0
+        return chosen.rewards.new_zeros(()), stats
+    loss = sample_loss(
+        scores,
+        chosen.rewards,
+        chosen.distinct,
+        selected.baseline,
+        objective=objective,
+        margin=margin,
+        tie=tie,
+    )
+    stats[key] = float(loss.detach())
+    return loss * selected.gate_fraction, stats
