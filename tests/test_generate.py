@@ -17,7 +17,7 @@ import torch
 from conftest import make_model
 from corpus import prepare_copy_task
 
-from codat.checkpoint import save_checkpoint
+from codat.checkpoint import resolve_checkpoint, save_checkpoint
 from codat.config import ARCHS, DecodeConfig, RunConfig
 from codat.data import PAD_ID, SPECIAL_IDS, read_meta
 from codat.decode import joint_viterbi_decode, lookahead_decode, sample_decode
@@ -31,7 +31,6 @@ from codat.generate import (
     decoder_for,
     distill,
     draw_samples,
-    resolve_checkpoint,
     source_tensor,
     translate_file,
     translate_ids,

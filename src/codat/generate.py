@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from codat.checkpoint import load_model
+from codat.checkpoint import load_model, resolve_checkpoint
 from codat.cmlm import mask_predict_decoder
 from codat.config import DecodeConfig
 from codat.ctc import ctc_greedy_decoder
@@ -207,18 +207,6 @@ def translate_ids(
             results[i] = [t for t in ids[row].tolist() if t != PAD_ID]
     model.train(was_training)
     return results
-
-
-def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-    """Accept a checkpoint directory or a run directory (then its `best` checkpoint)."""
-    path = pathlib.Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    if (path / "best" / "model.safetensors").is_file():
-        return path / "best"
-    raise FileNotFoundError(
-        f"{path} is neither a checkpoint directory nor a run directory with best/"
-    )
 
 
 class Translator:

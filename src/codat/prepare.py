@@ -83,6 +83,143 @@ def train_sentencepiece(sentences: list[str], out_prefix: pathlib.Path, vocab_si
     )
 
 
+def _check_output_dir(out_dir: pathlib.Path, force: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty directory unless `force`.
+
+    Raises:
+        PrepareError: `out_dir` exists and is not a directory, or is a non-empty directory and
+            `force` is False.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise PrepareError(f"output directory {out_dir} exists and is not empty (use --force)")
+
+
+def _split_prefixes(train: str, valid: str | None, tests: list[str]) -> dict[str, str]:
+    """Map each split name to its file prefix: "train", then valid and tests by base name.
+
+    Raises:
+        PrepareError: two of valid and tests share a base name (or one is named "train").
+    """
+    splits = {"train": train}
+    for prefix in ([valid] if valid else []) + list(tests):
+        name = pathlib.Path(prefix).name
+        if name in splits:
+            raise PrepareError(
+                f"two splits would both be named '{name}' ({splits[name]} and {prefix}): "
+                "the split name is the prefix's base name and must be unique"
+            )
+        splits[name] = prefix
+    return splits
+
+
+def _nonempty_pairs(
+    src_lines: list[str], tgt_lines: list[str], *, train: str, src: str
+) -> list[tuple[str, str]]:
+    """The training pairs with both sides non-empty.
+
+    Raises:
+        PrepareError: there are none; the message names the train source file.
+    """
+    nonempty = [(s, t) for s, t in zip(src_lines, tgt_lines, strict=True) if s and t]
+    if not nonempty:
+        raise PrepareError(f"{find_file(train, src)}: no non-empty sentence pairs")
+    return nonempty
+
+
+def _train_tokenizer(
+    pairs: list[tuple[str, str]], out_prefix: pathlib.Path, vocab_size: int
+) -> spm.SentencePieceProcessor:
+    """Train the joint BPE model on both sides of `pairs` as OUT_PREFIX.model and load it.
+
+    Raises:
+        PrepareError: sentencepiece training failed (e.g. a vocabulary size too small).
+    """
+    try:
+        sentences = [s for s, _ in pairs] + [t for _, t in pairs]
+        train_sentencepiece(sentences, out_prefix, vocab_size)
+    except RuntimeError as e:
+        raise PrepareError(f"sentencepiece failed with --vocab-size {vocab_size}: {e}") from None
+    return spm.SentencePieceProcessor(model_file=f"{out_prefix}.model")
+
+
+def _encode(
+    sp: spm.SentencePieceProcessor, src_lines: list[str], tgt_lines: list[str]
+) -> ParallelData:
+    """Both sides of a split as int32 id tensors, one per line, in a `ParallelData`."""
+    return ParallelData(
+        [torch.tensor(x, dtype=torch.int32) for x in sp.encode(src_lines)],
+        [torch.tensor(x, dtype=torch.int32) for x in sp.encode(tgt_lines)],
+    )
+
+
+def _drop_untrainable(
+    data: ParallelData,
+    src_lines: list[str],
+    tgt_lines: list[str],
+    *,
+    upsample_scale: float,
+    max_ratio: float,
+) -> tuple[ParallelData, int, int]:
+    """Drop the pairs with an empty side, and those DAT cannot train on (length ratio above
+    `max_ratio`, or a graph of floor(upsample_scale * m) vertices shorter than the target).
+    N below is the number of pairs in `data`.
+
+    Returns:
+        The kept pairs, the number dropped for an empty side, and the number of the other
+        (non-empty) pairs dropped as untrainable.
+    """
+    empty = torch.tensor([not (s and t) for s, t in zip(src_lines, tgt_lines, strict=True)])  # (N,)
+    graph = graph_lengths(data.src_lens, upsample_scale=upsample_scale, max_positions=2**31 - 1)
+    ok = data.trainable_mask(max_target_lens=graph, max_ratio=max_ratio) & ~empty  # (N,) bool
+    keep = ok.nonzero().squeeze(1).tolist()
+    kept = ParallelData([data.src[i] for i in keep], [data.tgt[i] for i in keep])
+    return kept, int(empty.sum()), int((~ok & ~empty).sum())
+
+
+def _write_split(
+    tmp: pathlib.Path,
+    name: str,
+    sp: spm.SentencePieceProcessor,
+    src_lines: list[str],
+    tgt_lines: list[str],
+    *,
+    upsample_scale: float,
+    max_ratio: float,
+) -> dict:
+    """Encode one split and write it into `tmp`: NAME.safetensors, and for an evaluation split
+    also NAME.src.txt and NAME.ref.txt (its normalised text). The train split is filtered with
+    `_drop_untrainable` and the counts logged.
+
+    Returns:
+        The split's meta data: "lines", for train "dropped_empty" and "dropped_untrainable", and
+        "kept".
+    """
+    data = _encode(sp, src_lines, tgt_lines)
+    info = {"lines": len(data)}
+    if name == "train":
+        data, info["dropped_empty"], info["dropped_untrainable"] = _drop_untrainable(
+            data, src_lines, tgt_lines, upsample_scale=upsample_scale, max_ratio=max_ratio
+        )
+        log.info(
+            "train: kept %d of %d pairs; dropped %d with an empty side, %d with length "
+            "ratio > %g or graph size floor(%g*m) < n",
+            len(data),
+            info["lines"],
+            info["dropped_empty"],
+            info["dropped_untrainable"],
+            max_ratio,
+            upsample_scale,
+        )
+    else:
+        (tmp / f"{name}.ref.txt").write_text("".join(t + "\n" for t in tgt_lines), "utf-8")
+        (tmp / f"{name}.src.txt").write_text("".join(s + "\n" for s in src_lines), "utf-8")
+    info["kept"] = len(data)
+    data.save(tmp / f"{name}.safetensors")
+    return info
+
+
 def prepare(
     *,
     src: str,
@@ -98,69 +235,21 @@ def prepare(
 ) -> dict:
     """Build the prepared directory; returns its meta data (also written as meta.json)."""
     out_dir = pathlib.Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise PrepareError(f"output directory {out_dir} exists and is not empty (use --force)")
-    splits = {"train": train}
-    for prefix in ([valid] if valid else []) + list(tests):
-        name = pathlib.Path(prefix).name
-        if name in splits:
-            raise PrepareError(
-                f"two splits would both be named '{name}' ({splits[name]} and {prefix}): "
-                "the split name is the prefix's base name and must be unique"
-            )
-        splits[name] = prefix
+    _check_output_dir(out_dir, force)
+    splits = _split_prefixes(train, valid, tests)
     texts = {name: read_pair(prefix, src, tgt) for name, prefix in splits.items()}
     train_src, train_tgt, _ = texts["train"]
-    nonempty = [(s, t) for s, t in zip(train_src, train_tgt, strict=True) if s and t]
-    if not nonempty:
-        raise PrepareError(f"{find_file(train, src)}: no non-empty sentence pairs")
+    nonempty = _nonempty_pairs(train_src, train_tgt, train=train, src=src)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        try:
-            sentences = [s for s, _ in nonempty] + [t for _, t in nonempty]
-            train_sentencepiece(sentences, tmp / "spm", vocab_size)
-        except RuntimeError as e:
-            raise PrepareError(
-                f"sentencepiece failed with --vocab-size {vocab_size}: {e}"
-            ) from None
-        sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
+        sp = _train_tokenizer(nonempty, tmp / "spm", vocab_size)
         meta = {"src_lang": src, "tgt_lang": tgt, "vocab_size": sp.get_piece_size(), "splits": {}}
         for name, (s_lines, t_lines, _) in texts.items():
-            data = ParallelData(
-                [torch.tensor(x, dtype=torch.int32) for x in sp.encode(s_lines)],
-                [torch.tensor(x, dtype=torch.int32) for x in sp.encode(t_lines)],
+            meta["splits"][name] = _write_split(
+                tmp, name, sp, s_lines, t_lines, upsample_scale=upsample_scale, max_ratio=max_ratio
             )
-            info = {"lines": len(data)}
-            if name == "train":
-                empty = torch.tensor([not (s and t) for s, t in zip(s_lines, t_lines, strict=True)])
-                graph = graph_lengths(
-                    data.src_lens, upsample_scale=upsample_scale, max_positions=2**31 - 1
-                )
-                ok = data.trainable_mask(max_target_lens=graph, max_ratio=max_ratio) & ~empty
-                keep = ok.nonzero().squeeze(1).tolist()
-                info["dropped_empty"] = int(empty.sum())
-                info["dropped_untrainable"] = int((~ok & ~empty).sum())
-                data = ParallelData([data.src[i] for i in keep], [data.tgt[i] for i in keep])
-                log.info(
-                    "train: kept %d of %d pairs; dropped %d with an empty side, %d with length "
-                    "ratio > %g or graph size floor(%g*m) < n",
-                    len(data),
-                    info["lines"],
-                    info["dropped_empty"],
-                    info["dropped_untrainable"],
-                    max_ratio,
-                    upsample_scale,
-                )
-            else:
-                (tmp / f"{name}.ref.txt").write_text("".join(t + "\n" for t in t_lines), "utf-8")
-                (tmp / f"{name}.src.txt").write_text("".join(s + "\n" for s in s_lines), "utf-8")
-            info["kept"] = len(data)
-            data.save(tmp / f"{name}.safetensors")
-            meta["splits"][name] = info
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)

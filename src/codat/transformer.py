@@ -256,6 +256,105 @@ def greedy_search(
     return _strip(torch.stack(out, dim=1))
 
 
+class _Candidates(NamedTuple):
+    """The 2K best one-token extensions (K = beam) of each sentence's live hypotheses, sorted best
+    first (fewer than 2K when K * V < 2K)."""
+
+    logp: torch.Tensor  # (B, 2K) summed log p of the extended hypothesis
+    beam: torch.Tensor  # (B, 2K) long: the live hypothesis (0..K-1) it extends
+    tok: torch.Tensor  # (B, 2K) long: the token it appends
+
+
+def _top_candidates(
+    live_logp: torch.Tensor,  # (B, K) summed log p of the live hypotheses, -inf if dead
+    step_logp: torch.Tensor,  # (B * K, V) log p of the next token, row b * K + k
+    V: int,
+) -> _Candidates:
+    """Rank every extension of every live hypothesis by summed log p and keep the 2K best."""
+    B, K = live_logp.shape
+    ext = live_logp.unsqueeze(2) + step_logp.view(B, K, V)  # (B, K, V)
+    cand_logp, cand = ext.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K) sorted
+    return _Candidates(cand_logp, cand // V, cand % V)
+
+
+def _store_finished(
+    fin_ids: torch.Tensor,  # (B, K, T_max + 1) finished hypotheses, </s> included, PAD_ID padded
+    fin_scores: torch.Tensor,  # (B, K) their scores, sorted best first, -inf for empty slots
+    live_ids: torch.Tensor,  # (B, K, t) the live hypotheses before step t
+    cand: _Candidates,
+    done: torch.Tensor,  # (B,) bool: sentences that stopped
+    *,
+    t: int,
+    length_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, K, T_max + 1), (B, K)
+    """Merge the candidates that finish at step t into each sentence's K best finished ones.
+
+    As in fairseq, only a finite </s> among the K best candidates of a sentence that has not
+    stopped finishes a hypothesis; its score is sum log p / (t + 1) ** length_penalty.
+    """
+    B, K, L = fin_ids.shape  # L = T_max + 1
+    C = cand.tok.shape[1]  # 2K, or K * V when smaller
+    is_eos, finite = cand.tok == EOS_ID, torch.isfinite(cand.logp)
+    first_k = torch.arange(C, device=fin_ids.device) < K
+    finish = is_eos & finite & first_k & ~done.unsqueeze(1)
+    new_scores = (cand.logp / (t + 1) ** length_penalty).masked_fill(~finish, float("-inf"))
+    new_ids = torch.cat(
+        [
+            live_ids.gather(1, cand.beam.unsqueeze(2).expand(-1, -1, t)),
+            cand.tok.unsqueeze(2),
+            torch.full((B, C, L - 1 - t), PAD_ID, dtype=torch.long, device=fin_ids.device),
+        ],
+        dim=2,
+    )  # (B, 2K, T_max + 1)
+    fin_scores, keep = torch.cat([fin_scores, new_scores], dim=1).topk(K, dim=1)  # (B, K)
+    all_ids = torch.cat([fin_ids, new_ids], dim=1)  # (B, 3K, T_max + 1)
+    return all_ids.gather(1, keep.unsqueeze(2).expand(-1, -1, L)), fin_scores
+
+
+def _advance_live(
+    live_ids: torch.Tensor,  # (B, K, t) the live hypotheses before step t
+    cand: _Candidates,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K best candidates that are not </s> become the live hypotheses (fewer when few are
+    finite: the rest get log p -inf and are dead).
+
+    Returns:
+        The new live_ids (B, K, t + 1), their summed log p (B, K), the old hypothesis each
+        extends (B, K) and the token it appended (B, K).
+    """
+    K, t = live_ids.shape[1], live_ids.shape[2]
+    is_eos, finite = cand.tok == EOS_ID, torch.isfinite(cand.logp)
+    live_logp, pick = cand.logp.masked_fill(is_eos | ~finite, float("-inf")).topk(K, dim=1)
+    live_beam, tokens = cand.beam.gather(1, pick), cand.tok.gather(1, pick)  # (B, K)
+    live_ids = torch.cat(
+        [live_ids.gather(1, live_beam.unsqueeze(2).expand(-1, -1, t)), tokens.unsqueeze(2)],
+        dim=2,
+    )  # (B, K, t + 1)
+    return live_ids, live_logp, live_beam, tokens
+
+
+def _beam_rows(live_beam: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B * K,)
+    """The decoder row (b * K + k) each new live hypothesis continues, for `reorder_state`."""
+    B, K = live_beam.shape
+    return (torch.arange(B, device=live_beam.device).unsqueeze(1) * K + live_beam).view(-1)
+
+
+def _beam_done(
+    done: torch.Tensor,  # (B,) bool
+    live_logp: torch.Tensor,  # (B, K) after step t
+    fin_scores: torch.Tensor,  # (B, K) sorted best first
+    max_lens: torch.Tensor,  # (B,)
+    *,
+    t: int,
+    length_penalty: float,
+) -> torch.Tensor:  # (B,) bool
+    """A sentence stops at its length limit, or once it stores K finished hypotheses and none of
+    its live ones beats the worst of them at their current length (t + 1 tokens)."""
+    best_live = live_logp.max(dim=1).values / (t + 1) ** length_penalty
+    full = torch.isfinite(fin_scores).all(dim=1)
+    return done | (t >= max_lens) | (full & (best_live <= fin_scores[:, -1]))
+
+
 @torch.no_grad()
 def beam_search(
     model: ATransformer,
@@ -291,43 +390,16 @@ def beam_search(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     tokens = torch.full((B * K,), BOS_ID, dtype=torch.long, device=dev)
     for t in range(T_max + 1):
-        logits, state = model.decode_step(tokens, state)
+        logits, state = model.decode_step(tokens, state)  # (B * K, V)
         at_max = (t >= max_lens).repeat_interleave(K)
-        ext = live_logp.unsqueeze(2) + _step_logp(logits, at_max).view(B, K, V)  # (B, K, V)
-        cand_logp, cand = ext.view(B, K * V).topk(min(2 * K, K * V), dim=1)  # (B, 2K) sorted
-        cand_beam, cand_tok = cand // V, cand % V
-        is_eos, finite = cand_tok == EOS_ID, torch.isfinite(cand_logp)
-
-        # fairseq: only a </s> among the K best candidates finishes a hypothesis.
-        first_k = torch.arange(cand.shape[1], device=dev) < K
-        finish = is_eos & finite & first_k & ~done.unsqueeze(1)
-        new_scores = (cand_logp / (t + 1) ** length_penalty).masked_fill(~finish, float("-inf"))
-        new_ids = torch.cat(
-            [
-                live_ids.gather(1, cand_beam.unsqueeze(2).expand(-1, -1, t)),
-                cand_tok.unsqueeze(2),
-                torch.full((B, cand.shape[1], T_max - t), PAD_ID, dtype=torch.long, device=dev),
-            ],
-            dim=2,
-        )  # (B, 2K, T_max + 1)
-        fin_scores, keep = torch.cat([fin_scores, new_scores], dim=1).topk(K, dim=1)
-        all_ids = torch.cat([fin_ids, new_ids], dim=1)
-        fin_ids = all_ids.gather(1, keep.unsqueeze(2).expand(-1, -1, T_max + 1))
-
-        # The K best non-</s> candidates stay live (fewer when few are finite: -inf rows are dead).
-        live_logp, pick = cand_logp.masked_fill(is_eos | ~finite, float("-inf")).topk(K, dim=1)
-        live_beam, tokens = cand_beam.gather(1, pick), cand_tok.gather(1, pick)  # (B, K)
-        live_ids = torch.cat(
-            [live_ids.gather(1, live_beam.unsqueeze(2).expand(-1, -1, t)), tokens.unsqueeze(2)],
-            dim=2,
+        cand = _top_candidates(live_logp, _step_logp(logits, at_max), V)
+        fin_ids, fin_scores = _store_finished(
+            fin_ids, fin_scores, live_ids, cand, done, t=t, length_penalty=length_penalty
         )
-        rows = (torch.arange(B, device=dev).unsqueeze(1) * K + live_beam).view(-1)
-        state = reorder_state(state, rows)
-        tokens = tokens.view(-1)
-
-        best_live = live_logp.max(dim=1).values / (t + 1) ** length_penalty
-        full = torch.isfinite(fin_scores).all(dim=1)
-        done = done | (t >= max_lens) | (full & (best_live <= fin_scores[:, -1]))
+        live_ids, live_logp, live_beam, tokens = _advance_live(live_ids, cand)
+        state = reorder_state(state, _beam_rows(live_beam))
+        tokens = tokens.view(-1)  # (B, K) -> (B * K,)
+        done = _beam_done(done, live_logp, fin_scores, max_lens, t=t, length_penalty=length_penalty)
         if done.all():
             break
     return _strip(fin_ids[:, 0])
