@@ -131,6 +131,3 @@ class DATransformer(nn.Module):
         if graph_ids is None:
             graph_ids = self.graph_inputs(enc.graph_lens)
         return self.decode(enc, graph_ids)
-
-
-__all__ = ["DATransformer", "DagOutput", "Encoded", "EOS_ID"]

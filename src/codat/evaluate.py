@@ -24,7 +24,7 @@ from codat.dag import dag_log_likelihood
 from codat.dat_train import codat_term, dat_sentence_loss
 from codat.data import PAD_ID, Batch, ParallelData, token_batches
 from codat.decode import DagSamples, pick_best, rerank_scores
-from codat.generate import Translator, draw_samples, translate_ids
+from codat.generate import Translator, decoder_for, draw_samples, translate_ids
 from codat.metrics import corpus_bleu
 from codat.nat import nat_sentence_loss
 from codat.objectives import gather_token_logp
@@ -77,7 +77,9 @@ class Validation:
     def load(
         cls, cfg: RunConfig, device: torch.device, autocast: contextlib.AbstractContextManager
     ) -> Validation:
-        """The validation split of `cfg.data` (its first `train.eval_max_sentences` if > 0)."""
+        """The validation split of `cfg.data` (its first `train.eval_max_sentences` if > 0).
+        An unknown `decode.decoder` fails here, before a run starts, not at its first validation."""
+        decoder_for(cfg.model.arch, cfg.decode.decoder)
         spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
         data, refs = load_split(cfg.data.dir, cfg.data.valid_split)
         data, refs = first_sentences(data, refs, cfg.train.eval_max_sentences)

@@ -38,7 +38,6 @@ from codat.ctc import ctc_step
 from codat.dat_train import dat_step
 from codat.data import Batch, ParallelData, read_meta, shard, token_batches
 from codat.evaluate import Validation
-from codat.generate import decoder_for
 from codat.glancing import glance_ratio
 from codat.nat import glat_step, nat_step
 from codat.transformer import at_step
@@ -105,7 +104,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed + dist.rank)
     run_dir = pathlib.Path(cfg.run_dir)
     check_run_dir(run_dir, resume=resume, is_main=dist.is_main)
-    decoder_for(cfg.model.arch, cfg.decode.decoder)  # an unknown decoder fails now, not at eval
 
     cfg = resolve_model_config(cfg, resume=resume)
     core = build_model(cfg.model)
