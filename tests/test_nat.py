@@ -138,32 +138,52 @@ def test_content_targets_strip_bos_and_eos():
     assert ids.tolist() == [[PAD_ID]] and lens.tolist() == [0]
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_nat_loss_matches_the_written_out_formula(smoothing):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_nat_loss_matches_the_written_out_formula_in_value_and_gradient(smoothing):
+    # The token term is F.cross_entropy's label smoothing; the twin is the formula it replaced,
+    # (1 - eps) * NLL - eps * mean_v log p_v (fairseq NAT), written out position by position.
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 4, V, generator=g, dtype=torch.float64)
     tgt = torch.randint(0, V, (2, 4), generator=g)
     mask = torch.tensor([[True, False, True, True], [True, True, False, False]])
     length_logits = torch.randn(2, 9, generator=g, dtype=torch.float64)
     length_targets = torch.tensor([3, 8])
+    fast_in = logits.clone().requires_grad_()
     out = nat_loss(
-        logits, tgt, mask, length_logits, length_targets, length_weight=0.3,
+        fast_in, tgt, mask, length_logits, length_targets, length_weight=0.3,
         label_smoothing=smoothing,
     )  # fmt: skip
+    out.loss.backward()
+    slow_in = logits.clone().requires_grad_()
     terms = []
     for b in range(2):
         for t in range(4):
             if mask[b, t]:
-                logp = torch.log_softmax(logits[b, t], -1)
+                logp = torch.log_softmax(slow_in[b, t], -1)
                 nll = -logp[tgt[b, t]]
                 terms.append((1 - smoothing) * nll - smoothing * logp.mean())
     token = sum(terms) / len(terms)
     length = -sum(torch.log_softmax(length_logits[b], -1)[length_targets[b]] for b in range(2)) / 2
-    torch.testing.assert_close(out.token_nll.double(), token.double())
+    (token + 0.3 * length).backward()
+    torch.testing.assert_close(out.token_nll.double(), token.detach().double())
     torch.testing.assert_close(out.length_nll.double(), length.double())
-    torch.testing.assert_close(out.loss.double(), (token + 0.3 * length).double())
+    torch.testing.assert_close(out.loss.double(), (token + 0.3 * length).detach().double())
+    torch.testing.assert_close(fast_in.grad, slow_in.grad)
+    assert torch.count_nonzero(fast_in.grad[~mask]) == 0  # untrained positions get no gradient
     with pytest.raises(ValueError, match="length targets"):
         nat_loss(logits, tgt, mask, length_logits, torch.tensor([3, 9]))
+
+
+def test_nat_loss_takes_bf16_logits_in_float32():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, V, generator=g).bfloat16()
+    tgt = torch.randint(0, V, (2, 3), generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    length_logits, length_targets = torch.randn(2, 5, generator=g), torch.tensor([3, 2])
+    out = nat_loss(logits, tgt, mask, length_logits, length_targets, label_smoothing=0.1)
+    ref = nat_loss(logits.float(), tgt, mask, length_logits, length_targets, label_smoothing=0.1)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss)
 
 
 def test_glancing_reveals_round_ratio_times_hamming_random_valid_positions():

@@ -7,11 +7,12 @@ the best of all output sequences enumerated and scored by the full forward
 (`reference.rank_all_sequences`); `beam_search` with the per-sentence Python loop of the same rules
 (`reference.loop_beam_search`) for beams 1-3; batched decoding with each sentence decoded alone;
 `label_smoothed_nll` with a per-token loop (`reference.loop_label_smoothed_nll`) in value and
-gradient, and with `F.cross_entropy` at epsilon 0; and, end to end, greedy decoding of a model
-trained for 200 steps on a copy task with the sources. The entry points: `at_step` with
-`label_smoothed_nll` of the teacher-forced logits, `at_sentence_loss` with a per-sentence NLL,
-the decoders with `beam_search` / `greedy_search`; and, end to end through the CLI, training and
-decoding, `codat distill`, `codat benchmark speed` over every arch, and the arch mismatch errors.
+gradient, with `F.cross_entropy` at epsilon 0, and 0 for padding only; and, end to end, greedy
+decoding of a model trained for 200 steps on a copy task with the sources. The entry points:
+`at_step` with `label_smoothed_nll` of the teacher-forced logits, `at_sentence_loss` with a
+per-sentence NLL, the decoders with `beam_search` / `greedy_search`; and, end to end through the
+CLI, training and decoding, `codat distill`, `codat benchmark speed` over every arch, and the arch
+mismatch errors.
 """
 
 from __future__ import annotations
@@ -319,6 +320,15 @@ def test_label_smoothed_nll_without_smoothing_is_cross_entropy():
     expected = F.cross_entropy(logits.view(-1, 9), target_ids.view(-1), ignore_index=PAD_ID)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(nll, expected)
+
+
+def test_label_smoothed_nll_of_only_padding_is_zero_and_nll_is_detached():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    loss, nll = label_smoothed_nll(logits, torch.full((2, 3), PAD_ID), pad_id=PAD_ID, epsilon=0.1)
+    assert float(loss) == 0.0 and float(nll) == 0.0  # no target: no NaN from 0 / 0
+    target_ids = torch.randint(1, 5, (2, 3))
+    loss, nll = label_smoothed_nll(logits, target_ids, pad_id=PAD_ID, epsilon=0.1)
+    assert loss.requires_grad and not nll.requires_grad
 
 
 def test_embeddings_are_shared_and_too_long_targets_raise():

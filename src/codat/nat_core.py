@@ -12,8 +12,9 @@ Choices (documented once, here):
   decoder_layers, drop (the state-dict key names). `decode_nat` runs that stack with the output
   projection tied to the embeddings.
 - Loss (`nat_loss`): the mean over the trained positions of the token NLL (optionally
-  label-smoothed) plus length_weight * the length cross-entropy. Log-softmax is in at least
-  float32 (`objectives.log_softmax_fp32`), so bf16 autocast is safe.
+  label-smoothed, by `F.cross_entropy`'s label_smoothing) plus length_weight * the length
+  cross-entropy. Log-probabilities are in at least float32 (as `objectives.log_softmax_fp32`),
+  so bf16 autocast is safe.
 - GLAT's reveal (`glancing_reveal`, Qian et al. 2021): N = floor(ratio * d + 1/2) positions, d the
   Hamming distance of pass 1's prediction to the reference, drawn uniformly among the valid ones
   (GLAT's code truncates; we round as codat's DAT glancing does).
@@ -175,10 +176,12 @@ def nat_loss(
     C = length_logits.shape[1]
     if length_targets.numel() and (int(length_targets.min()) < 0 or int(length_targets.max()) >= C):
         raise ValueError(f"length targets must lie in [0, {C}), got {length_targets.tolist()}")
-    logp = log_softmax_fp32(token_logits)  # (B, T, V)
-    nll = -logp.gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    if label_smoothing > 0:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    # torch's label smoothing is the cross-entropy to (1 - eps) * onehot(y) + eps / V, the same
+    # quantity as (1 - eps) * NLL + eps * mean_v(-log p_v); at least float32, as log_softmax_fp32
+    logits = token_logits.to(torch.promote_types(token_logits.dtype, torch.float32))
+    nll = F.cross_entropy(
+        logits.flatten(0, 1), tgt_ids.flatten(), reduction="none", label_smoothing=label_smoothing
+    ).view_as(tgt_ids)  # (B, T)
     token = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
     length = F.cross_entropy(length_logits.float(), length_targets)
     return NatLoss(token + length_weight * length, token.detach(), length.detach())

@@ -71,8 +71,16 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
+MISSING_MATPLOTLIB = "codat plot needs matplotlib: pip install 'codat[plot]'"
+
+
 def _pyplot():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend, imported on first use (matplotlib is the optional
+    ``plot`` extra); ImportError with the install command when it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(MISSING_MATPLOTLIB) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

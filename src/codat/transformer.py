@@ -17,6 +17,7 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from codat.config import DecodeConfig, ModelConfig, RunConfig
@@ -143,24 +144,30 @@ def label_smoothed_nll(
     *,
     pad_id: int,
     epsilon: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:  # () loss, () nll; both means over non-pad tokens
+) -> tuple[torch.Tensor, torch.Tensor]:  # () loss, () nll (detached); means over non-pad tokens
     """Label-smoothed cross-entropy (Szegedy et al., 2016), fairseq's original definition.
 
     Per target token: loss = (1 - eps) * (-log p(y)) + eps * mean_v(-log p(v)), i.e. the
-    cross-entropy to (1 - eps) * onehot(y) + eps / V. (fairseq since 2021 spreads eps over the
-    V - 1 other tokens instead.) Padding targets are ignored; log-probs are taken in float32.
+    cross-entropy to (1 - eps) * onehot(y) + eps / V: exactly `F.cross_entropy`'s
+    ``label_smoothing``, which computes it here. (fairseq since 2021 spreads eps over the V - 1
+    other tokens instead.) Padding targets are ignored; log-probs are taken in float32.
     """
     if logits.shape[:2] != target_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} vs target_ids {tuple(target_ids.shape)}")
     if not 0 <= epsilon < 1:
         raise ValueError(f"epsilon={epsilon} must be in [0, 1)")
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    valid = target_ids != pad_id
-    nll = -logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)[valid]  # (n,)
-    smooth = -logp.mean(dim=-1)[valid]  # (n,)
-    count = valid.sum().clamp(min=1)
-    loss = ((1 - epsilon) * nll + epsilon * smooth).sum() / count
-    return loss, nll.sum() / count
+    flat = logits.float().flatten(0, 1)  # (B*T, V)
+    target = target_ids.flatten()  # (B*T,)
+    count = (target != pad_id).sum().clamp(min=1)
+    loss = (
+        F.cross_entropy(flat, target, ignore_index=pad_id, reduction="sum", label_smoothing=epsilon)
+        / count
+    )
+    if epsilon == 0:
+        return loss, loss.detach()
+    with torch.no_grad():
+        nll = F.cross_entropy(flat, target, ignore_index=pad_id, reduction="sum") / count
+    return loss, nll
 
 
 def teacher_forcing(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # (B, N-1) each
