@@ -79,8 +79,7 @@ PY
 codat --version
 codat prepare --src de --tgt en --train raw/train --valid raw/val --test raw/test --out data \
   --vocab-size 60 --upsample-scale 3
-recipe=$(python -c 'from codat import recipes; print(recipes.resolve("multi30k_deen_dat_small"))')
-codat train "$recipe" run_dir=run data.dir=data model.dim=32 model.heads=2 model.ffn_dim=64 \
+codat train multi30k_deen_dat_small run_dir=run data.dir=data model.dim=32 model.heads=2 model.ffn_dim=64 \
   model.encoder_layers=1 model.decoder_layers=1 model.upsample_scale=3.0 model.max_length=32 \
   train.max_steps=10 train.eval_every=10 train.warmup_steps=2 train.max_tokens=400 \
   train.bf16=false train.threads=1 train.max_minutes=0 train.log_every=5 \

@@ -17,6 +17,7 @@ import torch
 
 import codat.checkpoint as ckpt
 from codat.checkpoint import (
+    average_checkpoints,
     load_checkpoint_config,
     load_optimizer,
     load_weights,
@@ -86,6 +87,7 @@ def test_checkpoint_contains_the_expected_files_and_no_pickles(saved, tmp_path):
     path, _, _ = saved
     names = set(_listing(path))
     assert {
+        ".codat",  # the marker: a complete checkpoint written by codat
         "model.safetensors",
         "config.yaml",
         "spm.model",
@@ -104,7 +106,12 @@ def test_checkpoint_contains_the_expected_files_and_no_pickles(saved, tmp_path):
 def test_checkpoint_without_optimizer_or_state_has_only_model_files(tmp_path):
     (tmp_path / "spm.model").write_bytes(b"x")
     save_checkpoint(tmp_path / "best", _model(0), RUN_CFG, tmp_path / "spm.model")
-    assert _listing(tmp_path / "best") == ["config.yaml", "model.safetensors", "spm.model"]
+    assert _listing(tmp_path / "best") == [
+        ".codat",
+        "config.yaml",
+        "model.safetensors",
+        "spm.model",
+    ]
 
 
 def test_checkpoint_config_round_trips(saved):
@@ -208,3 +215,28 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch)
         save_checkpoint(path, _model(2), RUN_CFG, tmp_path / "missing.model")
     assert _listing(path.parent) == ["last"]
     assert {n: (path / n).read_bytes() for n in _listing(path)} == before
+
+
+def test_weights_that_are_not_finite_are_never_written(saved, tmp_path):
+    path, _, _ = saved
+    before = {n: (path / n).read_bytes() for n in _listing(path)}
+    bad = _model(3)
+    with torch.no_grad():
+        next(bad.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        save_checkpoint(path, bad, RUN_CFG, tmp_path / "spm.model")
+    assert {n: (path / n).read_bytes() for n in _listing(path)} == before
+    assert _listing(path.parent) == ["last"]
+
+
+def test_average_refuses_to_replace_a_directory_codat_did_not_write(saved, tmp_path):
+    path, _, _ = saved
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a checkpoint written by codat"):
+        average_checkpoints([path], out)
+    assert (out / "notes.txt").read_text() == "precious"
+    average_checkpoints([path], tmp_path / "avg")
+    average_checkpoints([path], tmp_path / "avg")  # its own output: replaced
+    assert (tmp_path / "avg" / "model.safetensors").is_file()

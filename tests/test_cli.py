@@ -13,6 +13,7 @@ import gzip
 import json
 import pathlib
 import random
+import re
 
 import pytest
 
@@ -136,8 +137,10 @@ def _pipeline(tmp_path: pathlib.Path, capsys, *, n_train: int, steps: int, dim: 
     assert "BLEU" in printed and "signature" in printed
     bleu = float(printed.split("=")[1].split()[0])
 
-    # --resume continues from last/: the step counter goes on from where it stopped.
-    _run(["train", str(cfg), f"train.max_steps={steps + 3}", "--resume"])
+    # --resume continues from last/: the step counter goes on from where it stopped (a changed
+    # max_steps is accepted only when named by --allow-change).
+    argv = ["train", str(cfg), f"train.max_steps={steps + 3}", "--resume"]
+    _run([*argv, "--allow-change", "train.max_steps"])
     assert len(_losses(run)) == steps + 3
     state = json.loads((run / "last" / "trainer_state.json").read_text())
     assert state["step"] == steps + 3
@@ -259,8 +262,19 @@ def test_tune_beta_keeps_its_candidates_flag():
 
 def test_train_keeps_config_overrides_and_resume():
     a = build_parser().parse_args(["train", "c.yaml", "train.lr=1e-3", "model.dim=8", "--resume"])
-    assert (a.config, a.overrides, a.resume) == ("c.yaml", ["train.lr=1e-3", "model.dim=8"], True)
+    assert (a.config, a.overrides, a.resume) == ("c.yaml", ["train.lr=1e-3", "model.dim=8"], "yes")
     assert isinstance(a, argparse.Namespace)
+    assert build_parser().parse_args(["train", "c.yaml", "--resume", "auto"]).resume == "auto"
+    assert build_parser().parse_args(["train", "c.yaml"]).resume is None
+    a = build_parser().parse_args(
+        ["train", "c.yaml", "--resume", "--allow-change", "train.lr,train.max_steps"]
+    )
+    assert a.allow_change == ["train.lr,train.max_steps"]
+
+
+def test_resume_followed_by_an_override_is_a_usage_error_saying_where_it_goes(capsys):
+    assert _exit(["train", "c.yaml", "--resume", "train.lr=1"]) == 2
+    assert "put config overrides before --resume" in capsys.readouterr().err
 
 
 def test_errors_of_a_verb_exit_one_naming_the_verb(tmp_path, capsys):
@@ -282,3 +296,41 @@ def test_score_prints_bleu_and_signature(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("one line\n")
     assert _exit(["score", str(tmp_path / "short.txt"), str(tmp_path / "r.txt")]) == 1
     assert "has 1 lines" in capsys.readouterr().err
+
+
+def test_score_of_an_empty_file_or_an_unknown_tokenizer_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "r.txt").write_text("the dog runs\n")
+    assert _exit(["score", str(tmp_path / "empty.txt"), str(tmp_path / "r.txt")]) == 1
+    assert "empty.txt is empty" in capsys.readouterr().err
+    assert _exit(["score", str(tmp_path / "r.txt"), str(tmp_path / "r.txt"), "--tokenize", "nope"])
+    assert "--tokenize 'nope': choose one of" in capsys.readouterr().err
+
+
+def test_score_counts_lines_split_on_newlines_only(tmp_path, capsys):
+    (tmp_path / "h.txt").write_text("a\u2028b c\nd e\n", encoding="utf-8")
+    (tmp_path / "r.txt").write_text("a\u2028b c\nd e\n", encoding="utf-8")
+    assert _exit(["score", str(tmp_path / "h.txt"), str(tmp_path / "r.txt")]) == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--samples", "0"], "--samples=0 must be"),
+        (["--top-p", "1.5"], "--top-p=1.5 must be"),
+        (["--beam", "0"], "--beam=0 must be"),
+        (["--temperature", "nan"], "--temperature=nan must be a finite number"),
+        (["--top-p", "0.9"], "--top-p does not apply to the lookahead decoder"),
+        (["--decoder", "greedy", "--samples", "4"], "--samples does not apply to the greedy"),
+    ],
+)
+def test_decoding_flags_are_checked_under_their_own_names(flags, message):
+    a = build_parser().parse_args(["generate", "RUN", *flags])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        decode_config(DecodeConfig(), a, "dat")
+
+
+def test_generate_checks_its_output_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "missing" / "hyp.txt"
+    assert _exit(["generate", str(tmp_path / "no_run"), "-o", str(out)]) == 1
+    assert "--output" in capsys.readouterr().err

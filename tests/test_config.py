@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 
 import pytest
 
@@ -297,3 +298,32 @@ def test_codat_section_validates_and_resolves_gate():
     for bad in ({"samples": 1}, {"keep": 0.0}, {"temperature": -1.0}, {"top_p": 1.5}):
         with pytest.raises(ValueError, match="codat"):
             CodatConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=0", "train.lr"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("train.eval_every=0", "train.eval_every"),
+        ("train.keep_best=0", "train.keep_best"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.warmup_steps=-1", "train.warmup_steps"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.clip_norm=0", "train.clip_norm"),
+        ("train.max_minutes=-1", "train.max_minutes"),
+        ("train.max_skipped_steps=0", "train.max_skipped_steps"),
+        ("train.adam_betas=[0.9, 1.0]", "train.adam_betas[1]"),
+        ("model.encoder_layers=0", "model.encoder_layers"),
+        ("data.max_ratio=-1", "data.max_ratio"),
+        ("codat.margin=-0.1", "codat.margin"),
+        ("decode.top_p=1.5", "decode.top_p"),
+        ("decode.beam=0", "decode.beam"),
+        ("decode.temperature=.nan", "decode.temperature"),
+        ("decode.samples=0", "decode.samples"),
+    ],
+)
+def test_every_value_is_range_checked_at_load_naming_the_key(cfg_file, override, key):
+    with pytest.raises(ValueError, match=re.escape(f"{key}=")):
+        load_config(cfg_file, [override])

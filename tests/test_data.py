@@ -15,7 +15,17 @@ import pytest
 import torch
 
 from codat.dat import graph_lengths
-from codat.data import BOS_ID, EOS_ID, PAD_ID, ParallelData, read_meta, shard, token_batches
+from codat.data import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    ParallelData,
+    read_lines,
+    read_meta,
+    shard,
+    split_lines,
+    token_batches,
+)
 
 
 def _ids(*xs: int) -> torch.Tensor:
@@ -230,3 +240,27 @@ def test_shard_with_one_rank_keeps_everything():
 def test_shard_with_fewer_batches_than_ranks_raises():
     with pytest.raises(ValueError, match="max_tokens"):
         shard([[0], [1]], 0, 4)
+
+
+# ---------------------------------------------------------------- what a line is
+
+
+def test_split_lines_breaks_on_newline_only_and_tolerates_crlf():
+    text = "a\u2028b\nc\x85d\r\ne\x1cf\rg\n\nlast"
+    assert split_lines(text.encode()) == ["a\u2028b", "c\x85d", "e\x1cf\rg", "", "last"]
+    assert len(text.splitlines()) == 9  # what str.splitlines would have made of it
+    assert split_lines(b"") == [] and split_lines(b"\n") == [""]
+
+
+def test_read_lines_of_plain_and_gzipped_files_and_errors(tmp_path):
+    import gzip
+
+    (tmp_path / "a.txt").write_bytes("x\u2028y\r\nz\n".encode())
+    with gzip.open(tmp_path / "a.txt.gz", "wb") as f:
+        f.write("x\u2028y\r\nz\n".encode())
+    assert read_lines(tmp_path / "a.txt") == read_lines(tmp_path / "a.txt.gz") == ["x\u2028y", "z"]
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_lines(tmp_path / "missing.txt")
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
+    with pytest.raises(ValueError, match="bad.txt:2: invalid UTF-8"):
+        read_lines(tmp_path / "bad.txt")

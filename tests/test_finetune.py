@@ -686,6 +686,14 @@ def test_resumed_fine_tuning_keeps_its_alpha_gate(trained):
     run = _fine_tune(trained, "codat_resume", *ft, "train.max_steps=2")
     alpha = yaml.safe_load((run / "config.yaml").read_text())["codat"]["alpha"]
     assert alpha > 0
-    _fine_tune(trained, "codat_resume", *ft, "train.max_steps=3", "--resume")
+    _fine_tune(
+        trained,
+        "codat_resume",
+        *ft,
+        "train.max_steps=3",
+        "--resume",
+        "--allow-change",
+        "train.max_steps",
+    )
     assert [r["step"] for r in _rows(run)[0]] == [1, 2, 3]
     assert yaml.safe_load((run / "config.yaml").read_text())["codat"]["alpha"] == alpha

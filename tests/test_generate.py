@@ -19,12 +19,14 @@ from corpus import prepare_copy_task
 
 from codat.checkpoint import resolve_checkpoint, save_checkpoint
 from codat.config import ARCHS, DecodeConfig, RunConfig
-from codat.data import PAD_ID, SPECIAL_IDS, read_meta
+from codat.data import PAD_ID, SPECIAL_IDS, read_lines, read_meta
 from codat.decode import joint_viterbi_decode, lookahead_decode, sample_decode
 from codat.generate import (
+    DECODER_OPTIONS,
     DECODERS,
     Translator,
     batch_sources,
+    check_options,
     dat_lookahead_decoder,
     dat_sample_decoder,
     dat_viterbi_decoder,
@@ -202,3 +204,56 @@ def test_translate_file_and_distill_write_one_line_per_input(data, tmp_path):
 def test_resolve_checkpoint_names_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------- lines, lengths, outputs
+
+
+def test_generate_keeps_one_output_line_per_input_line_with_unicode_breaks(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    src = tmp_path / "src.txt"
+    src.write_text("ein mann\u2028spielt\nder hund\x85im park\r\nball\x1cmit\n", encoding="utf-8")
+    out = tmp_path / "hyp.txt"
+    assert translate_file(translator, src, out, translator.settings("greedy")) == 3
+    assert len(read_lines(out)) == 3
+
+
+def test_too_long_inputs_are_counted_or_refused(data, tmp_path, caplog):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    limit = translator.model.cfg.max_source_positions
+    long = " ".join(["ein mann"] * limit)
+    lines = ["der hund", long, long]
+    with caplog.at_level("WARNING", logger="codat.generate"):
+        assert len(translator.generate(lines, translator.settings("greedy"))) == 3
+    assert f"truncated 2 of 3 inputs to the model's max_source_positions={limit}" in caplog.text
+    with pytest.raises(ValueError, match=r"2 inputs are longer .*\(lines 2, 3\)"):
+        translator.generate(lines, translator.settings("greedy"), truncate=False)
+
+
+def test_unwritable_output_is_refused_before_decoding(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    src = data / "test.src.txt"
+    for out, why in (
+        (tmp_path / "no" / "such" / "dir.txt", "does not exist"),
+        (tmp_path, "is a directory"),
+    ):
+        with pytest.raises(ValueError, match=f"--output .*{why}"):
+            translate_file(translator, src, out)
+
+
+def test_options_of_another_decoder_are_refused_naming_them():
+    check_options("dat", "sample", ["samples", "top_p", "seed"])
+    check_options("at", "", ["beam", "max_len_a"])  # '' = the default (beam)
+    with pytest.raises(ValueError, match="top_p does not apply to the lookahead decoder"):
+        check_options("dat", "lookahead", ["top_p"])
+    with pytest.raises(
+        ValueError, match="beam does not apply to the greedy decoder of model.arch=at"
+    ):
+        check_options("at", "greedy", ["beam"])
+    for arch, decoders in DECODERS.items():
+        assert set(DECODER_OPTIONS[arch]) == set(decoders)
+        for name, fields in DECODER_OPTIONS[arch].items():
+            assert set(fields) <= {f.name for f in dataclasses.fields(DecodeConfig)}, name

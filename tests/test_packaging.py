@@ -108,3 +108,15 @@ def test_ci_runs_the_readme_test_script_then_the_wheel_smoke_test():
     lines = [x for x in (REPO / ".ci" / "run").read_text().splitlines() if x.startswith("bash ")]
     assert lines == ["bash scripts/test.sh", "bash scripts/wheel_smoke.sh"]
     subprocess.run(["bash", "-n", str(REPO / ".ci" / "run")], check=True)
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "valid_loss": 2.0, "valid_bleu": 1.0}\n')
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.pyplot'] = None\n"
+        "from codat.cli import main\n"
+        f"main(['plot', {str(tmp_path)!r}, '--out', {str(tmp_path / 'x.png')!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "codat[plot]" in proc.stderr and "Traceback" not in proc.stderr

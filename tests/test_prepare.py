@@ -131,7 +131,7 @@ def test_prepare_eval_splits_keep_every_line_with_crlf_stripped(prepared):
         src = (out / f"{split}.src.txt").read_text("utf-8")
         assert "\r" not in ref + src
         assert len(ref.splitlines()) == len(src.splitlines()) == n
-        assert meta["splits"][split] == {"lines": n, "kept": n}
+        assert meta["splits"][split] == {"lines": n, "too_long": 0, "kept": n}
         assert len(ParallelData.load(out, split)) == n
     vsrc, vtgt = _sentences(8, seed=1)
     assert (out / "val.ref.txt").read_text("utf-8").splitlines() == vtgt
@@ -159,6 +159,7 @@ def test_prepare_drops_and_counts_empty_and_untrainable_train_pairs(prepared):
     assert meta["splits"]["train"] == {
         "lines": 65,
         "dropped_empty": 3,
+        "dropped_too_long": 0,
         "dropped_untrainable": 2,
         "kept": 60,
     }
@@ -173,13 +174,13 @@ def test_prepare_max_ratio_alone_drops_pairs_and_zero_disables_it(tmp_path, pref
     assert meta["splits"]["train"]["kept"] == 62
 
 
-def test_prepare_force_replaces_a_non_empty_output_dir(tmp_path, prefixes):
+def test_prepare_force_replaces_a_directory_an_earlier_prepare_wrote(tmp_path, prefixes):
     out = tmp_path / "bin"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    prepare(**_kwargs(prefixes, out, force=True))
+    prepare(**_kwargs(prefixes, out, vocab_size=50))
+    (out / "stale.txt").write_text("old")  # inside codat's own directory: replaced with it
+    meta = prepare(**_kwargs(prefixes, out, force=True))
     assert not (out / "stale.txt").exists()
-    assert (out / "train.safetensors").is_file()
+    assert read_meta(out) == meta and (out / ".codat").is_file()
     assert not any(n.startswith(".") for n in _listing(tmp_path))
 
 
@@ -324,7 +325,7 @@ def test_prepare_command_prints_kept_and_dropped_counts(tmp_path, prefixes, caps
     assert run(["prepare", *_argv(prefixes, tmp_path / "bin")]) == 0
     out = capsys.readouterr().out
     assert "train kept 60/65" in out
-    assert "dropped 3 empty, 2 untrainable" in out
+    assert "dropped 3 empty, 0 too long, 2 untrainable" in out
     assert "val 8" in out and "test 5" in out
     meta = json.loads((tmp_path / "bin" / "meta.json").read_text())
     assert out.strip() == summary(meta, tmp_path / "bin")
@@ -334,7 +335,7 @@ def test_cli_prepare_exits_zero_and_writes_the_directory(tmp_path, prefixes, cap
     with pytest.raises(SystemExit) as info:
         cli_main(["prepare", *_argv(prefixes, tmp_path / "bin")])
     assert info.value.code == 0
-    assert "dropped 3 empty, 2 untrainable" in capsys.readouterr().out
+    assert "dropped 3 empty, 0 too long, 2 untrainable" in capsys.readouterr().out
     assert json.loads((tmp_path / "bin" / "meta.json").read_text())["splits"]["train"]["kept"] == 60
 
 
@@ -348,3 +349,49 @@ def test_cli_prepare_error_exits_one_with_message_on_stderr(tmp_path, prefixes, 
     assert "error" in err
     assert f"{prefixes['valid']}.de" in err
     assert _listing(tmp_path) == before
+
+
+# ---------------------------------------------------------------- what --force may delete
+
+
+def test_force_refuses_a_directory_codat_did_not_write_and_leaves_it(tmp_path, prefixes):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, out, force=True), "not a data directory")
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_force_refuses_the_folder_of_the_raw_corpus(tmp_path, prefixes):
+    raw = pathlib.Path(prefixes["train"]).parent
+    before = _listing(raw)
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, raw, force=True), "contains the input")
+    assert _listing(raw) == before
+
+
+def test_force_refuses_the_current_directory(tmp_path, prefixes, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for out in (".", ".."):
+        with pytest.raises(PrepareError, match="current directory"):
+            prepare(**_kwargs(prefixes, pathlib.Path(out), force=True))
+    assert (work / "keep.txt").read_text() == "x"
+
+
+def test_max_positions_drops_and_counts_long_train_pairs(tmp_path, prefixes):
+    meta = prepare(**_kwargs(prefixes, tmp_path / "short", max_positions=6))
+    train = meta["splits"]["train"]
+    assert train["dropped_too_long"] > 0
+    assert (
+        train["kept"]
+        + train["dropped_empty"]
+        + train["dropped_too_long"]
+        + train["dropped_untrainable"]
+        == train["lines"]
+    )
+    data = ParallelData.load(tmp_path / "short", "train")
+    assert int(data.src_lens.max()) <= 6 and int(data.tgt_lens.max()) <= 6
+    assert meta["splits"]["val"]["kept"] == 8  # evaluation splits keep every line
+    assert meta["splits"]["val"]["too_long"] > 0

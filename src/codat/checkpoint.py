@@ -4,9 +4,9 @@ resuming). Nothing is ever unpickled: tensors go through safetensors, the rest t
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import shutil
-import tempfile
 
 import safetensors.torch
 import torch
@@ -14,12 +14,15 @@ import yaml
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from codat.artifacts import artifact_kind, replace_dir, temp_dir, write_marker
 from codat.cmlm import CMLM
 from codat.config import ModelConfig, RunConfig, load_config, save_config
 from codat.ctc import CTCModel
 from codat.dat import DATransformer
 from codat.nat import VanillaNAT
 from codat.transformer import ATransformer
+
+log = logging.getLogger(__name__)
 
 # The model class of each model.arch (glat is the vanilla NAT trained with glancing).
 MODELS: dict[str, type[nn.Module]] = {
@@ -68,11 +71,22 @@ def save_checkpoint(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     state: dict | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the checkpoint to a temporary sibling and rename it into place (never half-written)."""
+    """Write the checkpoint to a temporary sibling, fsync it and swap it into place
+    (`artifacts.replace_dir`): a complete copy exists at every instant. Weights that are not
+    all finite are never written.
+
+    Raises:
+        ValueError: a weight is NaN or infinite (naming it and `path`).
+    """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    bad = [
+        k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(f"refusing to write {path}: weights are not finite ({', '.join(bad[:3])})")
+    tmp = temp_dir(path)
     try:
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied embeddings
         save_config(cfg, tmp / "config.yaml")
@@ -81,14 +95,88 @@ def save_checkpoint(
             tensors, meta = _flatten_optimizer(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta))
+        if rng is not None:
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         if state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        write_marker(tmp, "checkpoint")
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random state training draws from: torch's CPU (dropout on CPU), each CUDA
+    device's (dropout on GPU) and the loop's generator (glancing, CoDAT's samples). Data order
+    needs none (token_batches is seeded by train.seed + epoch)."""
+    states = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda{i}"] = s
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(states["torch_cpu"])
+    generator.set_state(states["generator"])
+    for key, value in states.items():
+        if key.startswith("cuda") and int(key[4:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(value, int(key[4:]))
+
+
+def gather_rng_states(generator: torch.Generator, dist) -> dict[str, torch.Tensor]:
+    """Every rank's `rng_state`, keyed rank{r}.NAME (a collective under DDP: call on all ranks;
+    `dist` is the run's `distributed.DistInfo`)."""
+    everyone = [rng_state(generator)]
+    if dist.world_size > 1:
+        everyone = [None] * dist.world_size
+        torch.distributed.all_gather_object(everyone, rng_state(generator))
+    return {f"rank{r}.{k}": v for r, st in enumerate(everyone) for k, v in st.items()}
+
+
+def restore_rng_states(path: str | pathlib.Path, generator: torch.Generator, rank: int) -> None:
+    """Rank `rank`'s random states as the checkpoint at `path` saved them (a resumed run then
+    draws the dropout masks, glancing choices and samples of the uninterrupted one)."""
+    file = pathlib.Path(path) / "rng.safetensors"
+    saved = load_file(str(file)) if file.is_file() else {}
+    prefix = f"rank{rank}."
+    mine = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+    if not mine:
+        log.warning("%s holds no random state of rank %d: the run will not reproduce", path, rank)
+        return
+    set_rng_state(mine, generator)
+
+
+def save_run_checkpoints(
+    model: nn.Module,
+    cfg: RunConfig,
+    spm_model: pathlib.Path,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    rng: dict[str, torch.Tensor],
+    bleu: float | None,
+) -> None:
+    """A run's checkpoints at state["step"]: when validated (`bleu`), keep the
+    `train.keep_best` best by validation BLEU in checkpoints/ (state["best"]) and the best in
+    best/; then last/ with the optimizer, trainer and random states."""
+    run_dir, step = pathlib.Path(cfg.run_dir), state["step"]
+    if bleu is not None:
+        name = f"step{step}"
+        best = sorted(state["best"] + [[bleu, step, name]], key=lambda e: (-e[0], -e[1]))
+        keep, drop = best[: cfg.train.keep_best], best[cfg.train.keep_best :]
+        if any(e[2] == name for e in keep):
+            save_checkpoint(run_dir / "checkpoints" / name, model, cfg, spm_model)
+        for e in drop:
+            if artifact_kind(run_dir / "checkpoints" / e[2]) in ("checkpoint", None):
+                shutil.rmtree(run_dir / "checkpoints" / e[2], ignore_errors=True)
+        if keep[0][2] == name:
+            save_checkpoint(run_dir / "best", model, cfg, spm_model)
+        state["best"] = keep
+    save_checkpoint(
+        run_dir / "last", model, cfg, spm_model, optimizer=optimizer, state=state, rng=rng
+    )
 
 
 def load_weights(
@@ -147,16 +235,18 @@ def average_checkpoints(paths: list[pathlib.Path], out: str | pathlib.Path) -> N
             total[key] = total[key] + value.double() if key in total else value.double()
     averaged = {k: (v / len(paths)).to(torch.float32) for k, v in total.items()}
     out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if out.exists() and artifact_kind(out) != "checkpoint":
+        raise ValueError(
+            f"--out {out} exists and is not a checkpoint written by codat: choose another --out"
+        )
+    tmp = temp_dir(out)
     try:
         save_file(averaged, str(tmp / "model.safetensors"))
         shutil.copy(pathlib.Path(paths[0]) / "config.yaml", tmp / "config.yaml")
         shutil.copy(pathlib.Path(paths[0]) / "spm.model", tmp / "spm.model")
         (tmp / "averaged_from.json").write_text(json.dumps([str(p) for p in paths], indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        write_marker(tmp, "checkpoint")
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

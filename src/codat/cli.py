@@ -14,7 +14,8 @@ import logging
 import sys
 
 from codat import __version__, commands
-from codat.config import ARCHS, DecodeConfig
+from codat.config import ARCHS, RESUME_MAY_CHANGE, DecodeConfig
+from codat.runs import Interrupted, TrainingStopped
 
 # Help text of each DecodeConfig field, shown by every verb that decodes.
 DECODE_HELP = {
@@ -102,7 +103,19 @@ def _add_prepare(sub) -> None:
     p.add_argument(
         "--max-ratio", type=float, default=2.0, help="drop training pairs above this length ratio"
     )
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument(
+        "--max-positions",
+        type=int,
+        default=256,
+        help="drop training pairs whose source (+</s>) or target (+<s></s>) is longer than this "
+        "(the model's max_source_positions; 0 = no limit)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty output directory written by an earlier codat prepare "
+        "(never any other directory)",
+    )
 
 
 def _add_train(sub) -> None:
@@ -113,9 +126,35 @@ def _add_train(sub) -> None:
         "train a model (DAT, AT, NAT, GLAT, CTC, CMLM) from a YAML config",
         f"Train a model (model.arch: {', '.join(ARCHS)}).",
     )
-    p.add_argument("config", help="YAML config file")
+    p.add_argument(
+        "config", help="YAML config file, or the name of a shipped recipe (multi30k_deen_dat_small)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue the run in run_dir from last/")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        default=None,
+        type=_resume_mode,
+        help="continue the run in run_dir from last/; --resume auto: resume if it has a "
+        "checkpoint, else start it (put overrides before --resume)",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY[,KEY]",
+        help="--resume: let these config keys differ from the run's "
+        f"({', '.join(RESUME_MAY_CHANGE)})",
+    )
+
+
+def _resume_mode(value: str) -> str:
+    if value not in ("yes", "auto"):
+        raise argparse.ArgumentTypeError(
+            f"expected nothing or 'auto', got '{value}' (put config overrides before --resume)"
+        )
+    return value
 
 
 def _add_generate(sub) -> None:
@@ -127,6 +166,13 @@ def _add_generate(sub) -> None:
         "--input", "-i", default="-", help="source text file, one sentence per line (- = stdin)"
     )
     p.add_argument("--output", "-o", default="-", help="output file (- = stdout)")
+    p.add_argument(
+        "--no-truncate",
+        dest="truncate",
+        action="store_false",
+        help="refuse inputs longer than the model's source positions (default: truncate them "
+        "and say how many)",
+    )
     add_decode_flags(p, title="decoding (default: the run's decode settings)")
     _add_device(p)
 
@@ -143,6 +189,12 @@ def _add_distill(sub) -> None:
     p.add_argument("run_dir", help="run or checkpoint directory of the teacher (usually an AT)")
     p.add_argument("src", help="source sentences, one per line (.gz allowed)")
     p.add_argument("out", help="distilled target file to write")
+    p.add_argument(
+        "--no-truncate",
+        dest="truncate",
+        action="store_false",
+        help="refuse sources longer than the model's source positions",
+    )
     add_decode_flags(p, title="decoding (default: the run's decode settings; AT: beam)")
     _add_device(p)
 
@@ -158,7 +210,7 @@ def _add_small_verbs(sub) -> None:
     )
     p.add_argument("hyp")
     p.add_argument("ref")
-    p.add_argument("--tokenize", default="13a")
+    p.add_argument("--tokenize", default="13a", help="sacreBLEU tokenizer (default 13a)")
     p = _verb(
         sub,
         "plot",
@@ -283,10 +335,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    verb = " ".join(argv[:2] if argv[:1] == ["benchmark"] else argv[:1])
     try:
         code = run(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        verb = " ".join(argv[:2] if argv[0] == "benchmark" else argv[:1])
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingStopped) as e:
         print(f"codat {verb}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except ImportError as e:
+        if e.name is not None:  # a real missing module: keep the traceback
+            raise
+        print(f"codat {verb}: error: {e}", file=sys.stderr)  # e.g. codat plot without matplotlib
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"codat {verb}: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print(f"codat {verb}: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)

@@ -22,10 +22,28 @@ _SAMPLE_BENCHMARK = {
 }
 
 
-def decode_config(base: DecodeConfig, a: argparse.Namespace) -> DecodeConfig:
-    """`base` with the decoding flags that were given on the command line."""
+def decode_config(
+    base: DecodeConfig, a: argparse.Namespace, arch: str | None = None, decoder: str | None = None
+) -> DecodeConfig:
+    """`base` with the decoding flags that were given on the command line, each checked in
+    range under its flag's name; with `arch`, a flag the chosen decoder (`decoder`, else
+    --decoder, else the run's) does not read is an error.
+
+    Raises:
+        ValueError: naming the flag.
+    """
+    from codat.cli import flag_name
+    from codat.config import check_decode
+    from codat.generate import check_options
+
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(DecodeConfig)}
-    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    dc = dataclasses.replace(base, **given)
+    check_decode(dc, name=flag_name)
+    if arch is not None:
+        chosen = decoder if decoder is not None else dc.decoder
+        check_options(arch, chosen, [k for k in given if k != "decoder"], name=flag_name)
+    return dc
 
 
 def device_of(a: argparse.Namespace) -> str:
@@ -57,6 +75,7 @@ def prepare(a: argparse.Namespace) -> int:
         vocab_size=a.vocab_size,
         upsample_scale=a.upsample_scale,
         max_ratio=a.max_ratio,
+        max_positions=a.max_positions,
         force=a.force,
     )
     print(summary(meta, a.out))
@@ -64,18 +83,25 @@ def prepare(a: argparse.Namespace) -> int:
 
 
 def train(a: argparse.Namespace) -> int:
+    from codat import recipes
     from codat.config import load_config
     from codat.train import train
 
-    train(load_config(a.config, a.overrides), resume=a.resume)
+    allowed = [k.strip() for item in a.allow_change for k in item.split(",") if k.strip()]
+    resume = {None: False, "yes": True, "auto": "auto"}[a.resume]
+    cfg = load_config(recipes.resolve(a.config), a.overrides)
+    train(cfg, resume=resume, allow_change=allowed)
     return 0
 
 
 def generate(a: argparse.Namespace) -> int:
+    from codat.artifacts import check_output_file
     from codat.generate import Translator, translate_file
 
+    check_output_file(a.output, "--output")
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
-    translate_file(translator, a.input, a.output, decode_config(translator.decode_cfg, a))
+    dc = decode_config(translator.decode_cfg, a, translator.model.cfg.arch)
+    translate_file(translator, a.input, a.output, dc, truncate=a.truncate)
     return 0
 
 
@@ -83,7 +109,8 @@ def distill(a: argparse.Namespace) -> int:
     from codat.generate import Translator, distill
 
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
-    n = distill(translator, a.src, a.out, decode_config(translator.decode_cfg, a))
+    dc = decode_config(translator.decode_cfg, a, translator.model.cfg.arch)
+    n = distill(translator, a.src, a.out, dc, truncate=a.truncate)
     print(f"distilled {n} sentences -> {a.out}", file=sys.stderr)
     return 0
 
@@ -122,7 +149,9 @@ def _sampling_setup(a: argparse.Namespace):
 
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
     data, refs = first_sentences(*load_split(a.data_dir, a.split), a.max_sentences)
-    return translator, data, refs, decode_config(translator.decode_cfg, a)
+    arch = translator.model.cfg.arch  # a non-DAT model is refused by the verb itself
+    dc = decode_config(translator.decode_cfg, a, arch if arch == "dat" else None, "sample")
+    return translator, data, refs, dc
 
 
 def analyze(a: argparse.Namespace) -> int:

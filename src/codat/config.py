@@ -19,6 +19,47 @@ OBJECTIVES = ("dp", "codat", "reward")
 # Architectures whose training step can add CoDAT's sample term (train.objective codat / reward).
 SAMPLE_OBJECTIVE_ARCHS = ("dat", "nat", "glat", "ctc")
 
+# Keys a resumed run may change, each only when named by --allow-change; any other difference
+# between the config and the checkpoint's makes --resume an error naming the key.
+RESUME_MAY_CHANGE = (
+    "train.lr",
+    "train.max_steps",
+    "train.max_minutes",
+    "train.eval_every",
+    "train.eval_max_sentences",
+    "train.log_every",
+    "train.keep_best",
+    "train.threads",
+    "train.max_skipped_steps",
+    *(
+        f"decode.{k}"
+        for k in (
+            "decoder lookahead_token_weight viterbi_length_exponent max_tokens samples "
+            "temperature top_p top_tokens rerank_token_weight seed beam length_penalty "
+            "max_len_a max_len_b length_beam noise iterations"
+        ).split()
+    ),
+)
+
+
+def check_range(name: str, value: float, *, low=None, high=None, low_open=False, high_open=False):
+    """Raise ValueError naming `name` unless `value` is finite and within the bounds (closed
+    unless `low_open` / `high_open`)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{name}={value} must be a finite number{' ' + bounds if bounds else ''}")
+
+
+def _check_ranges(section: str, obj, rules: dict[str, dict]) -> None:
+    for key, bounds in rules.items():
+        check_range(f"{section}.{key}", getattr(obj, key), **bounds)
+
+
 # Keys that were renamed: loading a config that still uses one raises an error naming the new key;
 # checkpoints written before the rename are migrated silently (`migrate_config`).
 RENAMED = {
@@ -75,6 +116,20 @@ class ModelConfig:
             raise ValueError(f"model.upsample_scale={self.upsample_scale} must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        _check_ranges("model", self, _MODEL_RANGES)
+
+
+_MODEL_RANGES = {
+    "vocab_size": {"low": 0},
+    "ffn_dim": {"low": 1},
+    "encoder_layers": {"low": 1},
+    "decoder_layers": {"low": 1},
+    "upsample_scale": {"low": 1},
+    "max_source_positions": {"low": 2},
+    "max_graph_positions": {"low": 2},
+    "max_target_positions": {"low": 3},
+    "max_length": {"low": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -85,6 +140,9 @@ class DataConfig:
     train_split: str = "train"
     valid_split: str = "val"
     max_ratio: float = 2.0  # drop training pairs with tgt/src or src/tgt length ratio above this
+
+    def __post_init__(self) -> None:
+        check_range("data.max_ratio", self.max_ratio, low=0)
 
 
 @dataclass(frozen=True)
@@ -117,8 +175,14 @@ class TrainConfig:
     objective: str = "dp"
     init_from: str = ""  # checkpoint or run directory whose weights start the run (stage 2)
     label_smoothing: float = 0.0  # at / nat / cmlm: epsilon of the label-smoothed NLL
+    # Steps whose loss or gradient is not finite are skipped (the optimizer untouched); this
+    # many in a row stop the run with an error naming the step.
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
+        _check_ranges("train", self, _TRAIN_RANGES)
+        for i, beta in enumerate(self.adam_betas):
+            check_range(f"train.adam_betas[{i}]", beta, low=0, high=1, high_open=True)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective='{self.objective}': choose dp, codat or reward")
         if self.lr_schedule not in ("inverse_sqrt", "constant"):
@@ -131,6 +195,25 @@ class TrainConfig:
             raise ValueError("train.glance_start and train.glance_end must be in [0, 1]")
         if self.max_tokens < 16:
             raise ValueError(f"train.max_tokens={self.max_tokens} is too small")
+
+
+_TRAIN_RANGES = {
+    "lr": {"low": 0, "low_open": True},
+    "warmup_steps": {"low": 0},
+    "warmup_init_lr": {"low": 0},
+    "weight_decay": {"low": 0},
+    "clip_norm": {"low": 0, "low_open": True},
+    "max_steps": {"low": 1},
+    "max_minutes": {"low": 0},
+    "glance_anneal_steps": {"low": 0},
+    "eval_every": {"low": 1},
+    "eval_max_sentences": {"low": 0},
+    "keep_best": {"low": 1},
+    "log_every": {"low": 1},
+    "threads": {"low": 0},
+    "label_smoothing": {"low": 0, "high": 1, "high_open": True},
+    "max_skipped_steps": {"low": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -165,6 +248,7 @@ class CodatConfig:
             )
         if self.reward_samples < 1 or self.alpha < 0 or self.noise < 0:
             raise ValueError("codat.reward_samples must be >= 1, codat.alpha and codat.noise >= 0")
+        _check_ranges("codat", self, _CODAT_RANGES)
 
     @property
     def kept(self) -> int:
@@ -179,6 +263,17 @@ class CodatConfig:
     def gate(self) -> float:
         """The DP-loss threshold alpha (inf when unset, i.e. before the start calibrates it)."""
         return self.alpha if self.alpha > 0 else math.inf
+
+
+_CODAT_RANGES = {
+    "temperature": {"low": 0},
+    "noise": {"low": 0},
+    "margin": {"low": 0},
+    "tie": {"low": 0},
+    "weight": {"low": 0},
+    "alpha": {"low": 0},
+    "eval_sentences": {"low": 0},
+}
 
 
 @dataclass(frozen=True)
@@ -210,6 +305,34 @@ class DecodeConfig:
     iterations: int = 10  # cmlm: mask-predict iterations
 
 
+# The valid range of each DecodeConfig field (`check_decode`).
+DECODE_RANGES = {
+    "lookahead_token_weight": {},
+    "viterbi_length_exponent": {"low": 0},
+    "max_tokens": {"low": 1},
+    "samples": {"low": 1},
+    "temperature": {"low": 0},
+    "top_p": {"low": 0, "high": 1, "low_open": True},
+    "top_tokens": {"low": 1},
+    "rerank_token_weight": {"low": 0, "high": 1},
+    "seed": {},
+    "beam": {"low": 1},
+    "length_penalty": {},
+    "max_len_a": {"low": 0},
+    "max_len_b": {"low": 0},
+    "length_beam": {"low": 1},
+    "noise": {"low": 0},
+    "iterations": {"low": 1},
+}
+
+
+def check_decode(dc: DecodeConfig, name=lambda field: f"decode.{field}") -> None:
+    """Raise ValueError unless every field of `dc` is in range; `name(field)` names the field
+    in the message (the config key, or the command-line flag)."""
+    for key, bounds in DECODE_RANGES.items():
+        check_range(name(key), getattr(dc, key), **bounds)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -220,6 +343,7 @@ class RunConfig:
     run_dir: str = "runs/dat"
 
     def __post_init__(self) -> None:
+        check_decode(self.decode)
         arch, tc = self.model.arch, self.train
         if arch == "nat" and (tc.glance_start > 0 or tc.glance_end > 0):
             raise ValueError(

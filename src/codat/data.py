@@ -7,10 +7,12 @@ source = ids + </s>, target = <s> + ids + </s> (method.md §8.1: n counts both).
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import pathlib
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +156,48 @@ def token_batches(
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+def split_lines(raw: bytes, *, name: str = "<bytes>") -> list[str]:
+    """UTF-8 text split into lines on "\\n" only ("\\r\\n" tolerated): the one definition of a
+    line for every text codat reads. Characters Python's `str.splitlines` also breaks on (\\x1c,
+    \\x85, \\u2028, a lone \\r ...) stay inside their line.
+
+    Raises:
+        ValueError: invalid UTF-8, naming `name` and the line.
+    """
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for no, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}:{no}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+        out.append(text[:-1] if text.endswith("\r") else text)
+    return out
+
+
+def read_lines(path: str | pathlib.Path) -> list[str]:
+    """The lines (`split_lines`) of a UTF-8 text file, gzipped if its name ends in .gz; "-"
+    reads stdin.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unreadable or invalid UTF-8 (file and line).
+    """
+    if str(path) == "-":
+        return split_lines(sys.stdin.buffer.read(), name="<stdin>")
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    return split_lines(raw, name=str(path))
 
 
 def read_meta(data_dir: str | pathlib.Path) -> dict:

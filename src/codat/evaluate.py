@@ -22,7 +22,7 @@ from codat.config import DecodeConfig, RunConfig
 from codat.ctc import ctc_sentence_loss
 from codat.dag import dag_log_likelihood
 from codat.dat_train import codat_term, dat_sentence_loss
-from codat.data import PAD_ID, Batch, ParallelData, token_batches
+from codat.data import PAD_ID, Batch, ParallelData, read_lines, token_batches
 from codat.decode import DagSamples, pick_best, rerank_scores
 from codat.generate import Translator, decoder_for, draw_samples, translate_ids
 from codat.metrics import corpus_bleu
@@ -49,7 +49,7 @@ def load_split(data_dir: str | pathlib.Path, split: str) -> tuple[ParallelData, 
     refs_path = pathlib.Path(data_dir) / f"{split}.ref.txt"
     if not refs_path.is_file():
         raise FileNotFoundError(f"{refs_path} not found (written by codat prepare)")
-    refs = refs_path.read_text(encoding="utf-8").splitlines()
+    refs = read_lines(refs_path)
     if len(refs) != len(data):
         raise ValueError(f"{refs_path} has {len(refs)} lines but the split has {len(data)} pairs")
     return data, refs

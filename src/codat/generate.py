@@ -8,8 +8,8 @@ The DAT decoders are here; each baseline's decoders live in its model file.
 
 from __future__ import annotations
 
+import logging
 import pathlib
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from codat.artifacts import check_output_file, write_lines_atomic
 from codat.checkpoint import load_model, resolve_checkpoint
 from codat.cmlm import mask_predict_decoder
-from codat.config import DecodeConfig
+from codat.config import DecodeConfig, check_decode
 from codat.ctc import ctc_greedy_decoder
 from codat.dat import DagOutput
-from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, token_batches
+from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, read_lines, token_batches
 from codat.decode import (
     DagSamples,
     greedy_decode,
@@ -35,8 +36,9 @@ from codat.decode import (
 )
 from codat.nat import nat_argmax_decoder, nat_npd_decoder
 from codat.objectives import log_softmax_fp32
-from codat.prepare import read_lines
 from codat.transformer import at_beam_decoder, at_greedy_decoder
+
+log = logging.getLogger(__name__)
 
 Decoder = Callable[
     [nn.Module, torch.Tensor, torch.Tensor, DecodeConfig, torch.Generator | None], torch.Tensor
@@ -146,6 +148,45 @@ DECODERS: dict[str, dict[str, Decoder]] = {
 }
 
 
+# The DecodeConfig fields each decoder reads, besides decoder and max_tokens (which all do):
+# setting another one for it is an error (`check_options`).
+DECODER_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "dat": {
+        "lookahead": ("lookahead_token_weight",),
+        "greedy": (),
+        "viterbi": ("viterbi_length_exponent",),
+        "sample": ("samples", "temperature", "top_p", "top_tokens", "rerank_token_weight", "seed"),
+    },
+    "at": {
+        "beam": ("beam", "length_penalty", "max_len_a", "max_len_b"),
+        "greedy": ("max_len_a", "max_len_b"),
+    },
+    "nat": {"argmax": ("length_beam",), "npd": ("length_beam", "samples", "noise", "seed")},
+    "glat": {"argmax": ("length_beam",), "npd": ("length_beam", "samples", "noise", "seed")},
+    "ctc": {"greedy": ()},
+    "cmlm": {"mask-predict": ("length_beam", "iterations")},
+}
+
+
+def check_options(arch: str, decoder: str, given: list[str], name=lambda f: f) -> None:
+    """Refuse DecodeConfig fields in `given` that decoder `decoder` of `arch` does not read;
+    `name(field)` names them (e.g. as command-line flags).
+
+    Raises:
+        ValueError: naming the fields, the decoder and the fields it does use.
+    """
+    decoder_for(arch, decoder)
+    decoder = decoder or next(iter(DECODERS[arch]))
+    used = ("decoder", "max_tokens", *DECODER_OPTIONS[arch][decoder])
+    unused = [name(f) for f in given if f not in used]
+    if unused:
+        uses = ", ".join(name(f) for f in used[2:]) or "no options"
+        raise ValueError(
+            f"{', '.join(unused)} does not apply to the {decoder} decoder of model.arch={arch} "
+            f"(it uses {uses})"
+        )
+
+
 def decoder_for(arch: str, name: str) -> Decoder:
     """The decoder `name` of model.arch `arch` ('' = its default), or a ValueError naming the
     choices."""
@@ -161,11 +202,18 @@ def decoder_for(arch: str, name: str) -> Decoder:
     return choices[name]
 
 
+def too_long(sources: list[torch.Tensor], model: nn.Module) -> list[int]:
+    """Indices of the sources longer than the model's source positions (counting </s>)."""
+    max_src = model.cfg.max_source_positions
+    return [i for i, s in enumerate(sources) if len(s) + 1 > max_src]
+
+
 def batch_sources(
     sources: list[torch.Tensor], model: nn.Module, max_tokens: int
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[list[int]]]:
-    """Truncate to the model's source limit and bucket by the decoder positions each source
-    needs (`model.output_lengths`): (sources, lengths counting </s>, batches of indices)."""
+    """Truncate to the model's source limit (`too_long` says which are) and bucket by the
+    decoder positions each source needs (`model.output_lengths`): (sources, lengths counting
+    </s>, batches of indices)."""
     max_src = model.cfg.max_source_positions
     sources = [s[: max_src - 1] for s in sources]
     lens = torch.tensor([len(s) + 1 for s in sources], dtype=torch.long)
@@ -240,14 +288,39 @@ class Translator:
         decode: DecodeConfig | None = None,
         *,
         progress: bool = False,
+        truncate: bool = True,
     ) -> list[str]:
         """Translate sentences with `decode` (default: the run's settings, `self.decode_cfg`);
-        e.g. `t.generate(s, replace(t.decode_cfg, decoder="sample", rerank_token_weight=0.3))`."""
+        e.g. `t.generate(s, replace(t.decode_cfg, decoder="sample", rerank_token_weight=0.3))`.
+        Sources longer than the model's positions are truncated with a warning saying how
+        many, or refused when `truncate` is False.
+
+        Raises:
+            ValueError: a decoding setting out of range (`check_decode`), or too-long inputs
+                with `truncate` False (naming the first lines, 1-based).
+        """
         dc = self.decode_cfg if decode is None else decode
+        check_decode(dc)
         ids = [
             torch.tensor(x, dtype=torch.long)
             for x in self.sp.encode([s.strip() for s in sentences])
         ]
+        long = too_long(ids, self.model)
+        limit = self.model.cfg.max_source_positions
+        if long and not truncate:
+            lines = ", ".join(str(i + 1) for i in long[:5])
+            raise ValueError(
+                f"{len(long)} inputs are longer than the model's max_source_positions={limit} "
+                f"(lines {lines}{', ...' if len(long) > 5 else ''}); drop --no-truncate to "
+                "truncate them"
+            )
+        if long:
+            log.warning(
+                "truncated %d of %d inputs to the model's max_source_positions=%d",
+                len(long),
+                len(ids),
+                limit,
+            )
         out = translate_ids(self.model, ids, dc, device=self.device, progress=progress)
         return [self.sp.decode(x) for x in out]
 
@@ -257,19 +330,19 @@ def translate_file(
     src: str | pathlib.Path,
     out: str | pathlib.Path,
     decode: DecodeConfig | None = None,
+    *,
+    truncate: bool = True,
 ) -> int:
-    """Translate a text file, one sentence per line, into `out` ("-": stdin / stdout); returns
-    the number of sentences."""
-    if str(src) == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        lines = pathlib.Path(src).read_text(encoding="utf-8").splitlines()
-    hyps = translator.generate(lines, decode, progress=str(out) != "-")
-    text = "".join(h + "\n" for h in hyps)
+    """Translate a text file, one sentence per line (`data.read_lines`), into `out` ("-": stdin /
+    stdout, else written atomically); returns the number of sentences. `out` is checked before
+    anything is decoded."""
+    check_output_file(out, "--output")
+    lines = read_lines(src)
+    hyps = translator.generate(lines, decode, progress=str(out) != "-", truncate=truncate)
     if str(out) == "-":
-        sys.stdout.write(text)
+        print("".join(h.replace("\n", " ") + "\n" for h in hyps), end="")
     else:
-        pathlib.Path(out).write_text(text, encoding="utf-8")
+        write_lines_atomic(out, hyps)
     return len(hyps)
 
 
@@ -278,18 +351,16 @@ def distill(
     src: str | pathlib.Path,
     out: str | pathlib.Path,
     decode: DecodeConfig | None = None,
+    *,
+    truncate: bool = True,
 ) -> int:
     """Sequence-level knowledge distillation (Kim & Rush, 2016): decode every line of `src`
     (plain or .gz) and write the outputs to `out`, line for line, atomically (a temporary sibling
     renamed into place). Returns the number of sentences."""
-    lines = read_lines(pathlib.Path(src))  # errors name the file (and line)
-    hyps = translator.generate(lines, decode, progress=True)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_output_file(out, "OUT")
+    lines = read_lines(src)  # errors name the file (and line)
+    hyps = translator.generate(lines, decode, progress=True, truncate=truncate)
+    write_lines_atomic(out, hyps)
     return len(hyps)

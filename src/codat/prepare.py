@@ -6,18 +6,18 @@ read and checked before anything is written; the output directory appears only w
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import pathlib
 import shutil
-import tempfile
 
 import sentencepiece as spm
 import torch
 
+from codat.artifacts import check_output_dir, replace_dir, temp_dir, write_marker
 from codat.dat import graph_lengths
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ParallelData
+from codat.data import read_lines as data_read_lines
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +34,12 @@ def find_file(prefix: str, lang: str) -> pathlib.Path:
 
 
 def read_lines(path: pathlib.Path) -> list[str]:
-    """Lines of a plain or gzipped UTF-8 file; invalid UTF-8 raises naming the file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Lines of a plain or gzipped UTF-8 file (`data.read_lines`: split on newlines only),
+    whitespace-stripped; invalid UTF-8 raises naming the file and line."""
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise PrepareError(f"{path}: cannot read: {e}") from None
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for no, line in enumerate(lines, start=1):
-        try:
-            out.append(line.decode("utf-8").rstrip("\r").strip())
-        except UnicodeDecodeError as e:
-            raise PrepareError(
-                f"{path}:{no}: invalid UTF-8 ({e.reason} at byte {e.start})"
-            ) from None
-    return out
+        return [line.strip() for line in data_read_lines(path)]
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
 
 def read_pair(prefix: str, src: str, tgt: str) -> tuple[list[str], list[str], pathlib.Path]:
@@ -83,17 +70,21 @@ def train_sentencepiece(sentences: list[str], out_prefix: pathlib.Path, vocab_si
     )
 
 
-def _check_output_dir(out_dir: pathlib.Path, force: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty directory unless `force`.
+def _check_output_dir(
+    out_dir: pathlib.Path, force: bool, prefixes: list[str], src: str, tgt: str
+) -> None:
+    """Refuse an output path codat may not write (`artifacts.check_output_dir`): a file, the
+    current directory or a parent of an input, a non-empty directory unless `force` and it is a
+    prepared data directory written by codat.
 
     Raises:
-        PrepareError: `out_dir` exists and is not a directory, or is a non-empty directory and
-            `force` is False.
+        PrepareError: naming --out and why.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise PrepareError(f"output directory {out_dir} exists and is not empty (use --force)")
+    inputs = [pathlib.Path(f"{p}.{lang}") for p in prefixes for lang in (src, tgt)]
+    try:
+        check_output_dir(out_dir, kind="data", force=force, inputs=inputs, flag="--out")
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
 
 def _split_prefixes(train: str, valid: str | None, tests: list[str]) -> dict[str, str]:
@@ -161,21 +152,36 @@ def _drop_untrainable(
     *,
     upsample_scale: float,
     max_ratio: float,
-) -> tuple[ParallelData, int, int]:
-    """Drop the pairs with an empty side, and those DAT cannot train on (length ratio above
+    max_positions: int,
+) -> tuple[ParallelData, dict[str, int]]:
+    """Drop the pairs with an empty side, those longer than `max_positions` (source + </s> or
+    <s> + target + </s>; 0 = no limit), and those DAT cannot train on (length ratio above
     `max_ratio`, or a graph of floor(upsample_scale * m) vertices shorter than the target).
     N below is the number of pairs in `data`.
 
     Returns:
-        The kept pairs, the number dropped for an empty side, and the number of the other
-        (non-empty) pairs dropped as untrainable.
+        The kept pairs and the counts dropped: "dropped_empty", "dropped_too_long" (non-empty)
+        and "dropped_untrainable" (the other non-empty pairs).
     """
     empty = torch.tensor([not (s and t) for s, t in zip(src_lines, tgt_lines, strict=True)])  # (N,)
+    too_long = _too_long(data, max_positions) & ~empty  # (N,) bool
     graph = graph_lengths(data.src_lens, upsample_scale=upsample_scale, max_positions=2**31 - 1)
-    ok = data.trainable_mask(max_target_lens=graph, max_ratio=max_ratio) & ~empty  # (N,) bool
+    ok = data.trainable_mask(max_target_lens=graph, max_ratio=max_ratio) & ~empty & ~too_long
     keep = ok.nonzero().squeeze(1).tolist()
     kept = ParallelData([data.src[i] for i in keep], [data.tgt[i] for i in keep])
-    return kept, int(empty.sum()), int((~ok & ~empty).sum())
+    counts = {
+        "dropped_empty": int(empty.sum()),
+        "dropped_too_long": int(too_long.sum()),
+        "dropped_untrainable": int((~ok & ~empty & ~too_long).sum()),
+    }
+    return kept, counts
+
+
+def _too_long(data: ParallelData, max_positions: int) -> torch.Tensor:  # (N,) bool
+    """Pairs whose source (+ </s>) or target (+ <s> </s>) exceeds `max_positions` (0 = none)."""
+    if max_positions <= 0:
+        return torch.zeros(len(data), dtype=torch.bool)
+    return (data.src_lens > max_positions) | (data.tgt_lens > max_positions)
 
 
 def _write_split(
@@ -187,32 +193,51 @@ def _write_split(
     *,
     upsample_scale: float,
     max_ratio: float,
+    max_positions: int,
 ) -> dict:
     """Encode one split and write it into `tmp`: NAME.safetensors, and for an evaluation split
     also NAME.src.txt and NAME.ref.txt (its normalised text). The train split is filtered with
-    `_drop_untrainable` and the counts logged.
+    `_drop_untrainable` and the counts logged; an evaluation split keeps every line (its
+    references must stay aligned) and counts its lines longer than `max_positions`.
 
     Returns:
-        The split's meta data: "lines", for train "dropped_empty" and "dropped_untrainable", and
-        "kept".
+        The split's meta data: "lines", for train "dropped_empty", "dropped_too_long" and
+        "dropped_untrainable", for an evaluation split "too_long", and "kept".
     """
     data = _encode(sp, src_lines, tgt_lines)
     info = {"lines": len(data)}
     if name == "train":
-        data, info["dropped_empty"], info["dropped_untrainable"] = _drop_untrainable(
-            data, src_lines, tgt_lines, upsample_scale=upsample_scale, max_ratio=max_ratio
+        data, counts = _drop_untrainable(
+            data,
+            src_lines,
+            tgt_lines,
+            upsample_scale=upsample_scale,
+            max_ratio=max_ratio,
+            max_positions=max_positions,
         )
+        info.update(counts)
         log.info(
-            "train: kept %d of %d pairs; dropped %d with an empty side, %d with length "
-            "ratio > %g or graph size floor(%g*m) < n",
+            "train: kept %d of %d pairs; dropped %d with an empty side, %d longer than %d "
+            "positions, %d with length ratio > %g or graph size floor(%g*m) < n",
             len(data),
             info["lines"],
             info["dropped_empty"],
+            info["dropped_too_long"],
+            max_positions,
             info["dropped_untrainable"],
             max_ratio,
             upsample_scale,
         )
     else:
+        info["too_long"] = int(_too_long(data, max_positions).sum())
+        if info["too_long"]:
+            log.warning(
+                "%s: %d lines are longer than %d positions (kept: evaluation splits keep every "
+                "line; decoding truncates their sources)",
+                name,
+                info["too_long"],
+                max_positions,
+            )
         (tmp / f"{name}.ref.txt").write_text("".join(t + "\n" for t in tgt_lines), "utf-8")
         (tmp / f"{name}.src.txt").write_text("".join(s + "\n" for s in src_lines), "utf-8")
     info["kept"] = len(data)
@@ -231,29 +256,41 @@ def prepare(
     vocab_size: int,
     upsample_scale: float,
     max_ratio: float,
+    max_positions: int = 256,
     force: bool = False,
 ) -> dict:
-    """Build the prepared directory; returns its meta data (also written as meta.json)."""
+    """Build the prepared directory; returns its meta data (also written as meta.json).
+    `force` replaces only a directory an earlier `codat prepare` wrote (its marker file)."""
     out_dir = pathlib.Path(out)
-    _check_output_dir(out_dir, force)
     splits = _split_prefixes(train, valid, tests)
+    _check_output_dir(out_dir, force, list(splits.values()), src, tgt)
+    if max_positions < 0:
+        raise PrepareError(f"--max-positions {max_positions} must be >= 0 (0 = no limit)")
     texts = {name: read_pair(prefix, src, tgt) for name, prefix in splits.items()}
     train_src, train_tgt, _ = texts["train"]
     nonempty = _nonempty_pairs(train_src, train_tgt, train=train, src=src)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir(out_dir)
     try:
         sp = _train_tokenizer(nonempty, tmp / "spm", vocab_size)
         meta = {"src_lang": src, "tgt_lang": tgt, "vocab_size": sp.get_piece_size(), "splits": {}}
         for name, (s_lines, t_lines, _) in texts.items():
             meta["splits"][name] = _write_split(
-                tmp, name, sp, s_lines, t_lines, upsample_scale=upsample_scale, max_ratio=max_ratio
+                tmp,
+                name,
+                sp,
+                s_lines,
+                t_lines,
+                upsample_scale=upsample_scale,
+                max_ratio=max_ratio,
+                max_positions=max_positions,
             )
+        meta["max_positions"] = max_positions
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        write_marker(tmp, "data")
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # an empty directory: nothing of anyone's is lost
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -265,6 +302,7 @@ def summary(meta: dict, out: str | pathlib.Path) -> str:
     tr = meta["splits"]["train"]
     return (
         f"prepared {out}: vocab {meta['vocab_size']}; train kept {tr['kept']}/{tr['lines']} "
-        f"(dropped {tr['dropped_empty']} empty, {tr['dropped_untrainable']} untrainable); "
+        f"(dropped {tr['dropped_empty']} empty, {tr.get('dropped_too_long', 0)} too long, "
+        f"{tr['dropped_untrainable']} untrainable); "
         + ", ".join(f"{k} {v['kept']}" for k, v in meta["splits"].items() if k != "train")
     )

@@ -3,7 +3,8 @@
 Single process, or many under `torchrun --nproc_per_node=N -m codat train ...` (DDP). The model's
 training step is looked up once, in `STEPS`. Rank 0 writes the run directory: config.yaml,
 metrics.jsonl, checkpoints/ (the best `keep_best` by validation BLEU), best/ (the best one) and
-last/ (with optimizer state, for --resume).
+last/ (with optimizer and random states, for an exact --resume); `codat.runs` starts, resumes and
+stops the run around the loop. A step whose loss or gradient is not finite is skipped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import math
 import pathlib
-import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,11 +27,13 @@ from tqdm import tqdm
 from codat import distributed
 from codat.checkpoint import (
     build_model,
+    gather_rng_states,
     load_checkpoint_config,
     load_optimizer,
     load_weights,
     resolve_checkpoint,
-    save_checkpoint,
+    restore_rng_states,
+    save_run_checkpoints,
 )
 from codat.cmlm import cmlm_step
 from codat.config import RunConfig, TrainConfig, save_config
@@ -40,6 +43,15 @@ from codat.data import Batch, ParallelData, read_meta, shard, token_batches
 from codat.evaluate import Validation
 from codat.glancing import glance_ratio
 from codat.nat import glat_step, nat_step
+from codat.runs import (
+    Interrupted,
+    StopSignals,
+    TrainingStopped,
+    check_resume_config,
+    checkpoint_step,
+    mark_run,
+    open_run,
+)
 from codat.transformer import at_step
 
 log = logging.getLogger(__name__)
@@ -93,9 +105,13 @@ class TrainingStep(nn.Module):
         )
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> dict:
+def train(
+    cfg: RunConfig, *, resume: bool | str = False, allow_change: list[str] | tuple = ()
+) -> dict:
     """Train `cfg.model` on `cfg.data` until `max_steps` or `max_minutes`; returns the final
-    trainer state (step, epoch, best checkpoints, elapsed seconds)."""
+    trainer state (step, epoch, best checkpoints, elapsed seconds, skipped steps). `resume`:
+    False (a new run), True (continue from last/) or "auto" (continue if there is a checkpoint);
+    `allow_change` names the config keys a resumed run may change (`RESUME_MAY_CHANGE`)."""
     dist = distributed.DistInfo.from_env()
     distributed.setup(dist)
     device = dist.device()
@@ -103,9 +119,13 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed + dist.rank)
     run_dir = pathlib.Path(cfg.run_dir)
-    check_run_dir(run_dir, resume=resume, is_main=dist.is_main)
+    if dist.is_main:
+        resume = open_run(run_dir, resume=resume, is_main=True)
+    distributed.barrier(dist)
+    if not dist.is_main:
+        resume = open_run(run_dir, resume=resume, is_main=False)
 
-    cfg = resolve_model_config(cfg, resume=resume)
+    cfg = resolve_model_config(cfg, resume=resume, allow_change=list(allow_change))
     core = build_model(cfg.model)
     if resume:
         load_weights(run_dir / "last", core, device)
@@ -123,6 +143,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     if resume:
         load_optimizer(run_dir / "last", optimizer, device)
         state = json.loads((run_dir / "last" / "trainer_state.json").read_text())
+    state = {"skipped": 0, "bad_streak": 0, **state}
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if cfg.train.bf16
@@ -132,7 +153,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     if cfg.train.objective != "dp" and cfg.codat.alpha <= 0:
         cfg = calibrate_alpha(cfg, core, validation, is_main=dist.is_main)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         log.info(
             "model: %.2fM parameters; train pairs %d (of %d); device %s; world %d",
@@ -146,26 +167,29 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict:
     if dist.world_size > 1:
         model = DistributedDataParallel(model)
     loop = Loop(cfg, dist, device, core, model, optimizer, validation, state)
-    loop.run(train_data, train_idx)
-    distributed.teardown(dist)
+    if resume:
+        restore_rng_states(run_dir / "last", loop.generator, dist.rank)
+    try:
+        with StopSignals() as signals:
+            loop.run(train_data, train_idx, signals)
+    finally:
+        distributed.teardown(dist)
     return state
 
 
-def check_run_dir(run_dir: pathlib.Path, *, resume: bool, is_main: bool) -> None:
-    """A new run needs a fresh run_dir; --resume needs its last/ checkpoint."""
-    if is_main and not resume and (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run: pass --resume or choose another run_dir"
-        )
-    if resume and not (run_dir / "last" / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume: {run_dir / 'last'}/trainer_state.json not found")
-
-
-def resolve_model_config(cfg: RunConfig, *, resume: bool) -> RunConfig:
-    """The model config the run really trains: a resumed run's own (and its calibrated alpha),
-    else the init_from checkpoint's (stage 2), else the file's with the data's vocabulary."""
+def resolve_model_config(
+    cfg: RunConfig, *, resume: bool, allow_change: list[str] | None = None
+) -> RunConfig:
+    """The model config the run really trains: a resumed run's own (and its calibrated alpha;
+    any other change refused by `check_resume_config`), else the init_from checkpoint's
+    (stage 2), else the file's with the data's vocabulary."""
     if resume:
-        saved = load_checkpoint_config(pathlib.Path(cfg.run_dir) / "last")
+        last = pathlib.Path(cfg.run_dir) / "last"
+        saved = load_checkpoint_config(last)
+        data_spm = pathlib.Path(cfg.data.dir) / "spm.model"
+        check_resume_config(
+            cfg, saved, allow=allow_change or [], data_spm=data_spm, run_spm=last / "spm.model"
+        )
         cfg = replace(cfg, model=saved.model)
         if cfg.train.objective != "dp" and cfg.codat.alpha <= 0:
             cfg = replace(cfg, codat=replace(cfg.codat, alpha=saved.codat.alpha))
@@ -190,7 +214,16 @@ def trainable_pairs(cfg: RunConfig, model: nn.Module) -> tuple[ParallelData, lis
     ok = data.trainable_mask(
         max_target_lens=model.max_target_lens(data.src_lens), max_ratio=cfg.data.max_ratio
     )
-    return data, ok.nonzero().squeeze(1).tolist()
+    ok &= data.src_lens <= cfg.model.max_source_positions
+    indices = ok.nonzero().squeeze(1).tolist()
+    if not indices:
+        raise ValueError(
+            f"no trainable pairs in {cfg.data.dir}/{cfg.data.train_split}.safetensors: none of "
+            f"its {len(data)} pairs fits the model (source within model.max_source_positions="
+            f"{cfg.model.max_source_positions}, target within the model's capacity) and "
+            f"data.max_ratio={cfg.data.max_ratio}"
+        )
+    return data, indices
 
 
 def calibrate_alpha(
@@ -205,8 +238,8 @@ def calibrate_alpha(
 
 class Loop:
     """The update loop: token-bucketed epochs, gradient accumulation, logging, the time budget,
-    validation and checkpoints. `state` (step, epoch, batch_in_epoch, best, elapsed_s) is what
-    last/ stores for --resume."""
+    validation and checkpoints. `state` (step, epoch, batch_in_epoch, best, elapsed_s, skipped,
+    bad_streak) is what last/ stores for --resume, with every random state (`rng_state`)."""
 
     def __init__(self, cfg, dist, device, core, model, optimizer, validation, state) -> None:
         self.cfg, self.dist, self.device = cfg, dist, device
@@ -220,7 +253,7 @@ class Loop:
         )
         self.window_tokens, self.window_start = 0, time.time()
 
-    def run(self, data: ParallelData, indices: list[int]) -> None:
+    def run(self, data: ParallelData, indices: list[int], signals: StopSignals) -> None:
         tc, state = self.cfg.train, self.state
         sizes = torch.maximum(data.src_lens, data.tgt_lens)
         self.bar = tqdm(
@@ -230,30 +263,37 @@ class Loop:
             unit="step",
             dynamic_ncols=True,
         )
-        stop = False
-        while not stop:
-            batches = token_batches(
-                sizes,
-                max_tokens=tc.max_tokens,
-                shuffle=True,
-                seed=tc.seed + state["epoch"],
-                indices=indices,
-            )
-            batches = shard(batches, self.dist.rank, self.dist.world_size)
-            updates = len(batches) // tc.update_freq
-            while state["batch_in_epoch"] < updates and not stop:
-                first = state["batch_in_epoch"] * tc.update_freq
-                self.update(data, batches[first : first + tc.update_freq])
-                stop = self.after_update()
-            if not stop:
+        try:
+            while True:
+                batches = token_batches(
+                    sizes,
+                    max_tokens=tc.max_tokens,
+                    shuffle=True,
+                    seed=tc.seed + state["epoch"],
+                    indices=indices,
+                )
+                batches = shard(batches, self.dist.rank, self.dist.world_size)
+                updates = len(batches) // tc.update_freq
+                if updates == 0:
+                    raise ValueError(
+                        f"an epoch has {len(batches)} batches, fewer than train.update_freq="
+                        f"{tc.update_freq}: lower train.update_freq or train.max_tokens"
+                    )
+                while state["batch_in_epoch"] < updates:
+                    first = state["batch_in_epoch"] * tc.update_freq
+                    self.update(data, batches[first : first + tc.update_freq])
+                    if self.after_update(signals):
+                        return
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-        self.bar.close()
-        if self.metrics:
-            self.metrics.close()
+        finally:
+            self.bar.close()
+            if self.metrics:
+                self.metrics.close()
 
     def update(self, data: ParallelData, micro: list[list[int]]) -> None:
-        """One optimizer step over the micro-batches (DDP syncs only on the last one)."""
+        """One optimizer step over the micro-batches (DDP syncs only on the last one); skipped,
+        optimizer untouched, when the loss or the gradient is not finite on any rank."""
         tc, step = self.cfg.train, self.state["step"]
         lr = learning_rate(step, tc)
         for group in self.optimizer.param_groups:
@@ -270,14 +310,36 @@ class Loop:
                 (loss / len(micro)).backward()
             loss_sum += float(loss.detach()) / len(micro)
             self.window_tokens += int(batch.tgt_lens.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.core.parameters(), tc.clip_norm)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.core.parameters(), tc.clip_norm))
+        diverged = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        diverged = distributed.any_rank(diverged, self.dist, self.device)
+        if not diverged:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.state["skipped"] += int(diverged)
+        self.state["bad_streak"] = self.state["bad_streak"] + 1 if diverged else 0
         self.state["step"] += 1
         self.state["batch_in_epoch"] += 1
         self.bar.update(1)
-        if self.state["step"] % tc.log_every == 0:
-            self.log_update(loss_sum, stats, lr=lr, ratio=ratio, grad_norm=float(grad_norm))
+        if diverged or self.state["step"] % tc.log_every == 0:
+            loss_sum = math.nan if diverged else loss_sum  # a skipped step has no loss
+            self.log_update(loss_sum, stats, lr=lr, ratio=ratio, grad_norm=grad_norm)
+        if diverged:
+            self.check_divergence()
+
+    def check_divergence(self) -> None:
+        """Warn about a skipped step; stop after train.max_skipped_steps in a row."""
+        tc, state = self.cfg.train, self.state
+        step, streak = state["step"], state["bad_streak"]
+        log.warning("step %d: non-finite loss or gradient: step skipped", step)
+        if streak >= tc.max_skipped_steps:
+            last = checkpoint_step(pathlib.Path(self.cfg.run_dir))
+            raise TrainingStopped(
+                f"training diverged: the loss or gradient was not finite at {streak} steps in "
+                f"a row (steps {step - streak + 1}-{step}; train.max_skipped_steps="
+                f"{tc.max_skipped_steps}); last/ holds step {last}: lower train.lr or raise "
+                "train.warmup_steps, then --resume or start again"
+            )
 
     def log_update(self, loss_sum: float, stats: dict, *, lr, ratio, grad_norm) -> None:
         elapsed = max(time.time() - self.window_start, 1e-9)
@@ -286,38 +348,62 @@ class Loop:
         loss_avg = float(distributed.all_reduce_mean(loss, self.dist))
         row = {
             "step": self.state["step"],
-            "loss": round(loss_avg, 4),
+            "loss": loss_avg if math.isfinite(loss_avg) else None,
             "lr": lr,
             "glance": round(ratio, 4),
-            "grad_norm": round(grad_norm, 4),
+            "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
+            "skipped": self.state["skipped"],
             "tokens_per_s": round(tok_s, 1),
             "epoch": self.state["epoch"],
             "elapsed_s": round(time.time() - self.start_time, 1),
             **stats,
         }
-        self.bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
+        self.bar.set_postfix(
+            loss=f"{loss_avg:.3f}",
+            skipped=self.state["skipped"],
+            tok_s=f"{tok_s:.0f}",
+            lr=f"{lr:.1e}",
+        )
         if self.metrics:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
         self.window_tokens, self.window_start = 0, time.time()
 
-    def after_update(self) -> bool:
-        """Validate and checkpoint when due; True when the run is over."""
+    def after_update(self, signals: StopSignals) -> bool:
+        """Validate and checkpoint when due (or save last/ when a signal came); True when the
+        run is over. Raises `Interrupted` after saving when SIGINT / SIGTERM came."""
         tc, state = self.cfg.train, self.state
         out_of_time = tc.max_minutes > 0 and time.time() - self.start_time > tc.max_minutes * 60
-        # Each rank has its own clock: agree, or one rank would wait forever in a collective.
+        # Each rank has its own clock and signals: agree, or one would wait in a collective.
         out_of_time = distributed.any_rank(out_of_time, self.dist, self.device)
+        signalled = distributed.any_rank(signals.signum is not None, self.dist, self.device)
         stop = state["step"] >= tc.max_steps or out_of_time
-        if state["step"] % tc.eval_every == 0 or stop:
+        due = state["step"] % tc.eval_every == 0 or stop
+        if due or signalled:
             state["elapsed_s"] = time.time() - self.start_time
+            if not all(bool(p.isfinite().all()) for p in self.core.parameters()):
+                raise TrainingStopped(
+                    f"step {state['step']}: the model's weights are not finite; nothing was "
+                    f"saved (last/ holds step {checkpoint_step(pathlib.Path(self.cfg.run_dir))})"
+                )
+            result = self.validate() if due and self.dist.is_main else None
+            rng = gather_rng_states(self.generator, self.dist)
             if self.dist.is_main:
-                self.validate_and_checkpoint()
+                self.checkpoint(result, rng)
             distributed.barrier(self.dist)
+        if signalled:
+            signum = signals.signum or signal.SIGTERM
+            raise Interrupted(
+                f"{signal.Signals(signum).name}: stopped at step {state['step']}, saved in "
+                f"{pathlib.Path(self.cfg.run_dir) / 'last'}: continue with --resume",
+                signum,
+            )
         return stop
 
-    def validate_and_checkpoint(self) -> None:
-        cfg, state, core = self.cfg, self.state, self.core
-        result = self.validation.evaluate(core, cfg)
+    def validate(self) -> dict:
+        """Validation loss, BLEU (and CoDAT's sample statistics) of the current model, logged."""
+        state = self.state
+        result = self.validation.evaluate(self.core, self.cfg)
         row = {
             "step": state["step"],
             "valid_loss": round(result["valid_loss"], 4),
@@ -333,18 +419,11 @@ class Loop:
             f"step {state['step']}: valid loss {row['valid_loss']:.3f}, "
             f"BLEU {row['valid_bleu']:.2f} | {result['example']}"
         )
-        run_dir, spm_path = pathlib.Path(cfg.run_dir), self.validation.spm_path
-        name = f"step{state['step']}"
-        best = state["best"] + [[result["valid_bleu"], state["step"], name]]
-        best.sort(key=lambda e: (-e[0], -e[1]))
-        keep, drop = best[: cfg.train.keep_best], best[cfg.train.keep_best :]
-        if any(e[2] == name for e in keep):
-            save_checkpoint(run_dir / "checkpoints" / name, core, cfg, spm_path)
-        for e in drop:
-            shutil.rmtree(run_dir / "checkpoints" / e[2], ignore_errors=True)
-        if keep[0][2] == name:
-            save_checkpoint(run_dir / "best", core, cfg, spm_path)
-        state["best"] = keep
-        save_checkpoint(
-            run_dir / "last", core, cfg, spm_path, optimizer=self.optimizer, state=state
+        return result
+
+    def checkpoint(self, result: dict | None, rng: dict[str, torch.Tensor]) -> None:
+        """checkpoints/ and best/ when validated (`result`), then last/ (`save_run_checkpoints`)."""
+        bleu = None if result is None else result["valid_bleu"]
+        save_run_checkpoints(
+            self.core, self.cfg, self.validation.spm_path, self.optimizer, self.state, rng, bleu
         )
