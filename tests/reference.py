@@ -662,3 +662,39 @@ def brute_force_ctc_output_distribution(
         prob = math.exp(sum(float(logp[t, c]) for t, c in enumerate(p)))
         dist[key] = dist.get(key, 0.0) + prob
     return dist
+
+
+def _column_logsumexp(x: torch.Tensor) -> torch.Tensor:  # (L, L) -> (L,)
+    """log sum_k exp(x[k, j]) for every column j, each shifted by its own max; an all -inf
+    column gives -inf and passes a zero (not NaN) gradient."""
+    m = x.detach().amax(dim=0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(x - m).sum(dim=0)
+    return torch.where(s > 0, torch.log(torch.where(s > 0, s, torch.ones_like(s))) + m, NEG_INF)
+
+
+def dense_dag_log_likelihood(
+    token_logp: torch.Tensor,  # (B, L, N)
+    trans_logp: torch.Tensor,  # (B, L, L)
+    graph_lens: torch.Tensor,  # (B,)
+    target_lens: torch.Tensor,  # (B,)
+) -> torch.Tensor:  # (B,) float64
+    """The forward algorithm in float64, one sentence and one step at a time (autograd backward).
+
+    alpha_0[j] = token_logp[0, 0] if j = 0 else -inf;
+    alpha_i[j] = token_logp[j, i] + log sum_k exp(alpha_{i-1}[k] + trans_logp[k, j]);
+    the answer is alpha_{N_b - 1}[L_b - 1]. Each column's log-sum-exp subtracts its own max over
+    the (L, L) table alpha[k] + E[k, j], so nothing underflows where the answer is finite.
+    """
+    token_logp, trans_logp = token_logp.double(), trans_logp.double()
+    B, L, _ = token_logp.shape
+    start = torch.full((L,), NEG_INF, dtype=torch.float64)
+    start[0] = 0.0
+    out = []
+    for b in range(B):
+        alpha = token_logp[b, :, 0] + start
+        for i in range(1, int(target_lens[b])):
+            alpha = token_logp[b, :, i] + _column_logsumexp(alpha.unsqueeze(1) + trans_logp[b])
+        end = alpha[int(graph_lens[b]) - 1]
+        out.append(torch.where(torch.isfinite(end), end, NEG_INF))
+    return torch.stack(out)

@@ -4,7 +4,8 @@ Checks, on a tiny DATransformer, that a saved checkpoint holds exactly the expec
 pickles, that load_weights gives a fresh model identical tensors (keeping the tied embedding) and
 identical eval outputs, that load_optimizer restores AdamW so a further identical step gives
 identical parameters, and that a failing save leaves neither a checkpoint nor a temporary
-directory behind (and keeps an older checkpoint intact).
+directory behind (and keeps an older checkpoint intact). Every safetensors file carries
+{"format": "pt", "codat_version": ...} metadata, and the marker file the version too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import json
 import pathlib
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
+import codat
 import codat.checkpoint as ckpt
 from codat.checkpoint import (
     average_checkpoints,
@@ -240,3 +244,32 @@ def test_average_refuses_to_replace_a_directory_codat_did_not_write(saved, tmp_p
     average_checkpoints([path], tmp_path / "avg")
     average_checkpoints([path], tmp_path / "avg")  # its own output: replaced
     assert (tmp_path / "avg" / "model.safetensors").is_file()
+
+
+def _metadata(file: pathlib.Path) -> dict:
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        return f.metadata()
+
+
+def test_every_tensor_file_records_the_format_and_the_codat_version(saved, tmp_path):
+    path, model, opt = saved
+    want = {"format": "pt", "codat_version": codat.__version__}
+    # save_model also records the tied embedding ({"encoder.embed.weight": "embed.weight"})
+    assert _metadata(path / "model.safetensors").items() >= want.items()
+    assert _metadata(path / "optimizer.safetensors") == want
+    rng = ckpt.rng_state(torch.Generator())
+    save_checkpoint(tmp_path / "r", model, RUN_CFG, path / "spm.model", optimizer=opt, rng=rng)
+    assert _metadata(tmp_path / "r" / "rng.safetensors") == want
+    average_checkpoints([path, tmp_path / "r"], tmp_path / "avg")
+    assert _metadata(tmp_path / "avg" / "model.safetensors").items() >= want.items()
+    assert ckpt.checkpoint_version(path) == codat.__version__
+    marker = json.loads((path / ".codat").read_text())
+    assert marker == {"kind": "checkpoint", "codat_version": codat.__version__}
+
+
+def test_a_checkpoint_without_recorded_version_reads_as_none(saved, tmp_path):
+    path, _, _ = saved
+    tensors = safetensors.torch.load_file(str(path / "model.safetensors"))
+    safetensors.torch.save_file(tensors, str(path / "model.safetensors"))  # as before 0.1
+    assert ckpt.checkpoint_version(path) is None
+    load_weights(path, _model(1))  # still loads

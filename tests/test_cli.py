@@ -3,7 +3,10 @@ hundred real Multi30k lines (read from ../shared/data at test time, never stored
 when that directory is absent, on a synthetic copy task; checks the loss falls, outputs line up,
 BLEU prints, and --resume continues the step counter. Parser: --help / --version / unknown verbs
 exit as documented; one decoding flag per `DecodeConfig` field, each with help, mapped onto the
-run's settings with only the flags given; the renamed --beta exits naming its replacements."""
+run's settings with only the flags given; the renamed --beta exits naming its replacements.
+The first hour: `generate --interactive` answers each line before the next is sent (a subprocess
+on a pipe), the training bar's total is the real bound and TQDM_* settings apply, and each
+validation prints one line."""
 
 from __future__ import annotations
 
@@ -14,13 +17,22 @@ import json
 import pathlib
 import random
 import re
+import select
+import subprocess
+import sys
 
 import pytest
+from conftest import make_model
+from corpus import prepare_copy_task
 
 from codat import __version__
+from codat.checkpoint import save_checkpoint
 from codat.cli import DECODE_HELP, build_parser, flag_name, main, run
 from codat.commands import decode_config
-from codat.config import DecodeConfig
+from codat.config import DecodeConfig, RunConfig
+from codat.data import read_meta
+from codat.generate import Translator
+from codat.runs import bar_options, expected_stop
 
 MULTI30K = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
@@ -334,3 +346,92 @@ def test_generate_checks_its_output_before_loading_anything(tmp_path, capsys):
     out = tmp_path / "missing" / "hyp.txt"
     assert _exit(["generate", str(tmp_path / "no_run"), "-o", str(out)]) == 1
     assert "--output" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the first hour: streaming,
+# the training bar and its validation lines, export
+
+
+def _tiny_checkpoint(tmp: pathlib.Path) -> pathlib.Path:
+    """An untrained tiny DAT saved with the copy task's sentencepiece model (greedy decoding)."""
+    data = prepare_copy_task(tmp)
+    model = make_model("dat", vocab_size=read_meta(data)["vocab_size"])
+    cfg = RunConfig(model=model.cfg, decode=DecodeConfig(decoder="greedy"))
+    save_checkpoint(tmp / "ckpt", model, cfg, data / "spm.model")
+    return tmp / "ckpt"
+
+
+def _read_line(proc: subprocess.Popen) -> str:
+    """The next line `proc` writes; fails (instead of hanging) if none comes while its input
+    is still open, i.e. when the output is held back until the input ends."""
+    ready, _, _ = select.select([proc.stdout], [], [], 300)
+    assert ready, "no output line came back before the next input line was sent"
+    return proc.stdout.readline()
+
+
+def test_generate_interactive_answers_each_line_before_the_next_is_sent(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path)
+    want = Translator.from_dir(ckpt).generate(["der hund", "ein mann spielt im park"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codat", "generate", str(ckpt), "--interactive", "--threads", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line, hyp in (("der hund", want[0]), ("", ""), ("ein mann spielt im park", want[1])):
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+            assert _read_line(proc) == hyp + "\n"
+        _, err = proc.communicate(timeout=300)  # closes stdin: the end of the input
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+
+
+def test_generate_interactive_checks_its_flags_like_batch_mode(tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path)
+    src = tmp_path / "src.txt"
+    src.write_text("der hund\n\nein mann\n")
+    code = _exit(["generate", str(ckpt), "-i", str(src), "--interactive", "--top-p", "0.3"])
+    assert code == 1 and "--top-p does not apply to the greedy decoder" in capsys.readouterr().err
+    out = tmp_path / "hyp.txt"
+    run(["generate", str(ckpt), "-i", str(src), "--interactive", "-o", str(out)])
+    streamed = out.read_text().splitlines()
+    run(["generate", str(ckpt), "-i", str(src), "-o", str(out)])  # batched by --max-tokens
+    assert out.read_text().splitlines() == streamed and streamed[1] == ""
+
+
+def test_the_bar_takes_tqdm_settings_from_the_environment(monkeypatch):
+    monkeypatch.delenv("TQDM_DYNAMIC_NCOLS", raising=False)
+    assert bar_options(True) == {"unit": "step", "dynamic_ncols": True}  # no disable=: env wins
+    assert bar_options(False)["disable"] is True  # ranks > 0
+    monkeypatch.setenv("TQDM_DYNAMIC_NCOLS", "0")
+    assert "dynamic_ncols" not in bar_options(True)
+
+
+def test_the_bar_total_is_the_step_where_steps_or_minutes_end_first():
+    # 10 minutes, 2 of them spent, 5 steps/s: 480 s left = 2400 more steps (+1: the loop stops
+    # after the first step past the budget).
+    assert expected_stop(600, max_steps=100_000, max_s=600, elapsed_s=120, pace=5) == 3001
+    assert expected_stop(600, max_steps=2000, max_s=600, elapsed_s=120, pace=5) == 2000
+    assert expected_stop(600, max_steps=2000, max_s=0, elapsed_s=120, pace=5) == 2000
+    assert expected_stop(0, max_steps=2000, max_s=600, elapsed_s=0, pace=0) == 2000
+    assert expected_stop(700, max_steps=2000, max_s=600, elapsed_s=650, pace=5) == 701
+
+
+def test_each_validation_prints_one_line_when_it_happens(tmp_path, capsys):
+    data = prepare_copy_task(tmp_path)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"run_dir: {tmp_path / 'run'}\ndata: {{dir: {data}}}\n"
+        "model: {dim: 32, heads: 2, ffn_dim: 64, encoder_layers: 1, decoder_layers: 1, "
+        "upsample_scale: 3.0, dropout: 0.0}\n"
+        "train: {max_tokens: 400, max_steps: 4, eval_every: 2, threads: 1, bf16: false}\n"
+    )
+    capsys.readouterr()
+    _run(["train", str(cfg)])
+    printed = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert [x.split(":")[0] for x in printed] == ["step 2", "step 4"]
+    assert all(re.match(r"step \d: valid loss [\d.]+, BLEU [\d.]+ \| ", x) for x in printed)

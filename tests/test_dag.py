@@ -14,11 +14,18 @@ import math
 
 import pytest
 import torch
-from reference import brute_force_best_path, brute_force_log_likelihood, random_dag
+from reference import (
+    brute_force_best_path,
+    brute_force_log_likelihood,
+    dense_dag_log_likelihood,
+    random_dag,
+)
 
+from codat.benchmark import make_dag_inputs
 from codat.dag import (
     dag_best_path,
     dag_log_likelihood,
+    dag_log_likelihood_shared,
     log_softmax_safe,
     logsumexp_safe,
     safe_log,
@@ -315,3 +322,90 @@ def test_best_path_is_all_minus_one_with_minus_inf_score_when_impossible():
     assert (path[[0, 2, 3]] == -1).all()
     assert torch.isfinite(score[1])
     assert sorted(path[1][path[1] >= 0].tolist()) == [0, 1, 2]
+
+
+# --- float32 exactness on sharp and long inputs (against the float64 dense twin) ----------------
+# Logits x10 / x30 give the peaky distributions of a trained model; there a column's largest term
+# can underflow in a scaled-space matmul unless the scales follow the vertex blocks.
+
+
+def _fp32_and_fp64(fn, twin, inputs, weights):
+    """(value, grads) of fn in float32 and of the float64 twin, for sum_b w_b * out_b."""
+    token_logp, trans_logp, gl, tl = inputs
+    tok, tr = _leaves(token_logp.float(), trans_logp.float())
+    got = fn(tok, tr, gl, tl)
+    got_grads = _grads(got, weights.float(), [tok, tr])
+    tok64, tr64 = _leaves(token_logp.double(), trans_logp.double())
+    want = twin(tok64, tr64, gl, tl)
+    return got.detach(), got_grads, want.detach(), _grads(want, weights, [tok64, tr64])
+
+
+@pytest.mark.parametrize(
+    ("shape", "scale"),
+    [((4, 30, 240), 10.0), ((4, 30, 240), 30.0), ((2, 100, 800), 1.0), ((2, 60, 480), 10.0)],
+)
+def test_log_likelihood_float32_is_exact_on_sharp_and_long_inputs(shape, scale):
+    B, N, L = shape
+    inputs = make_dag_inputs(B, N, L, seed=1, scale=scale)
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    got, got_grads, want, want_grads = _fp32_and_fp64(
+        dag_log_likelihood, dense_dag_log_likelihood, inputs, weights
+    )
+    assert got.dtype == torch.float32 and torch.isfinite(want).all()
+    assert torch.isfinite(got).all(), "a finite float64 likelihood must stay finite in float32"
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=5e-4)
+    assert want_grads[0].abs().sum() > 1  # the gradients are not trivially zero
+
+
+def test_shared_log_likelihood_float32_is_exact_on_sharp_inputs():
+    B, N, L, K = 3, 20, 160, 3
+    token_logp, trans_logp, gl, _ = make_dag_inputs(B, N, L, seed=2, scale=30.0)
+    g = torch.Generator().manual_seed(0)
+    # K targets per sentence: the token columns in K different orders, of K different lengths.
+    tok = torch.stack([token_logp[:, :, torch.randperm(N, generator=g)] for _ in range(K)], 1)
+    tl = torch.randint(N // 2, N + 1, (B, K), generator=g)
+    weights = torch.rand(B, K, dtype=torch.float64) + 0.5
+    tok32, tr32 = _leaves(tok, trans_logp)
+    got = dag_log_likelihood_shared(tok32, tr32, gl, tl)
+    got_grads = _grads(got, weights.float(), [tok32, tr32])
+    tok64, tr64 = _leaves(tok.double(), trans_logp.double())
+    want = torch.stack(
+        [dense_dag_log_likelihood(tok64[:, k], tr64, gl, tl[:, k]) for k in range(K)], dim=1
+    )
+    want_grads = _grads(want, weights, [tok64, tr64])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=0)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=5e-4)
+
+
+def test_dense_twin_matches_brute_force():
+    L, N, graph_lens, target_lens = RAGGED
+    gl, tl = _lens(graph_lens, target_lens)
+    token_logp, trans_logp = random_dag(len(gl), L, gl, N, drop_edges=0.3)
+    weights = torch.rand(len(gl), dtype=torch.float64) + 0.5
+    tok, tr = _leaves(token_logp, trans_logp)
+    dense = dense_dag_log_likelihood(tok, tr, gl, tl)
+    tok_ref, tr_ref = _leaves(token_logp, trans_logp)
+    brute = brute_force_log_likelihood(tok_ref, tr_ref, gl, tl)
+    torch.testing.assert_close(dense, brute, rtol=1e-10, atol=1e-10)
+    for a, b in zip(
+        _grads(dense, weights, [tok, tr]), _grads(brute, weights, [tok_ref, tr_ref]), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [10.0, 30.0])
+def test_best_path_matches_brute_force_on_sharp_inputs(scale):
+    L, N, graph_lens, target_lens = RAGGED
+    gl, tl = _lens(graph_lens, target_lens)
+    token_logp, trans_logp = random_dag(len(gl), L, gl, N)
+    token_logp, trans_logp = scale * token_logp, scale * trans_logp  # max-plus: no underflow
+    path, score = dag_best_path(token_logp.float(), trans_logp.float(), gl, tl)
+    want_path, want_score = brute_force_best_path(token_logp, trans_logp, gl, tl)
+    assert torch.equal(path, want_path)
+    torch.testing.assert_close(score.double(), want_score, rtol=1e-6, atol=1e-4)

@@ -10,9 +10,11 @@ BLEU; `tune_beta` reranks the same samples with every weight (ties: nearest 0.5)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from conftest import make_model
 from corpus import prepare_copy_task
 
 from codat.checkpoint import save_checkpoint
+from codat.cli import run
 from codat.config import (
     ARCHS,
     CodatConfig,
@@ -37,11 +40,12 @@ from codat.evaluate import (
     analyze,
     first_sentences,
     load_split,
+    truncate_sources,
     tune_beta,
     write_json,
 )
 from codat.generate import Translator, translate_ids
-from codat.metrics import corpus_bleu
+from codat.metrics import corpus_bleu, corpus_score
 from codat.objectives import gather_token_logp
 
 NULL = contextlib.nullcontext()
@@ -140,11 +144,12 @@ def test_evaluate_reports_bleu_of_the_configured_decoder(data, arch):
     result = valid.evaluate(model, cfg)
     assert model.training
     sample_keys = {"valid_cl_loss", "valid_sample_bleu", "valid_oracle_bleu"}
-    assert set(result) == {"valid_loss", "valid_bleu", "example"} | (
+    assert set(result) == {"valid_loss", "valid_bleu", "valid_score", "example"} | (
         sample_keys if arch == "dat" else set()
     )
     hyps = [valid.sp.decode(h) for h in translate_ids(model, valid.data.src, cfg.decode)]
     assert result["valid_bleu"] == corpus_bleu(hyps, valid.refs).score
+    assert result["valid_score"] == result["valid_bleu"]  # data.valid_metric bleu selects
     assert result["example"] == hyps[0]
     assert result["valid_loss"] == pytest.approx(valid.dp_loss(model, cfg))
 
@@ -214,3 +219,72 @@ def test_parallel_data_prefix_is_a_copy_of_the_first_pairs(data):
     few, _ = first_sentences(split, refs, 3)
     assert isinstance(few, ParallelData)
     assert [t.tolist() for t in few.tgt] == [t.tolist() for t in split.tgt[:3]]
+
+
+# --- the validation metric, several references, long sources ----------------------------------
+
+
+def _multi_ref_data(data: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of the prepared data whose val split has two references per line (the second a
+    dummy), as `codat prepare` writes it from PREFIX.refs.jsonl."""
+    out = tmp_path / "multi"
+    shutil.copytree(data, out)
+    refs = (data / "val.ref.txt").read_text().splitlines()
+    (out / "val.refs.jsonl").write_text("".join(json.dumps([r, "x y z"]) + "\n" for r in refs))
+    return out
+
+
+@pytest.mark.parametrize("metric", ["rouge", "chrf"])
+def test_evaluate_selects_by_the_configured_metric_against_every_reference(data, tmp_path, metric):
+    multi = _multi_ref_data(data, tmp_path)
+    cfg = _cfg(multi, "at", eval_max_sentences=6)
+    cfg = dataclasses.replace(cfg, data=DataConfig(dir=str(multi), valid_metric=metric))
+    valid = Validation.load(cfg, torch.device("cpu"), NULL)
+    assert all(isinstance(r, list) and len(r) == 2 for r in valid.refs)
+    model = _model(cfg)
+    result = valid.evaluate(model, cfg)
+    hyps = [valid.sp.decode(h) for h in translate_ids(model, valid.data.src, cfg.decode)]
+    expect = corpus_score(metric, hyps, valid.refs)
+    assert result["valid_score"] == pytest.approx(expect.score)
+    assert result["valid_bleu"] == pytest.approx(corpus_bleu(hyps, valid.refs).score)
+    parts = {f"valid_score_{k}" for k in (expect.parts or {metric: 0})}
+    assert parts <= set(result)
+    assert all("_" in k[6:] for k in parts)  # logged by the training loop's metrics row
+
+
+def test_validation_truncates_sources_longer_than_the_model_allows(data, caplog):
+    cfg = _cfg(data, "at")
+    limit = int(ParallelData.load(data, "val").src_lens.max()) - 2
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_source_positions=limit))
+    with caplog.at_level("WARNING"):
+        valid = Validation.load(cfg, torch.device("cpu"), NULL)
+    assert int(valid.data.src_lens.max()) == limit
+    assert f"max_source_positions={limit}: truncated" in caplog.text
+    full = ParallelData.load(data, "val")
+    assert [s.tolist() for s in valid.data.tgt] == [t.tolist() for t in full.tgt]
+    same = truncate_sources(full, 10**6, split="val")
+    assert same is full
+
+
+def test_analyze_and_tune_beta_score_with_the_chosen_metric(data, translator):
+    split, refs = load_split(data, "val")
+    dc = DecodeConfig(samples=4, temperature=0.5, max_tokens=64)
+    result = analyze(translator, split, refs, dc, metric="rouge")
+    assert result["metric"] == "rouge"
+    assert 0 <= result["oracle_score"] <= 100 and 0 <= result["rerank_score"] <= 100
+    assert result["rerank_bleu"] == analyze(translator, split, refs, dc)["rerank_bleu"]
+    tuned = tune_beta(translator, split, refs, dc, [0.3, 0.7], metric="chrf")
+    assert tuned["metric"] == "chrf" and set(tuned["scores"]) == {"0.3", "0.7"}
+    top = max(tuned["scores"].values())
+    assert tuned["scores"][str(tuned["best_beta"])] == top
+
+
+def test_cli_tune_beta_takes_metric_flag_and_else_the_runs_metric(data, translator, capsys):
+    ckpt = str(data.parent / "dat_ckpt")
+    base = ["tune-beta", ckpt, "--data-dir", str(data), "--split", "val", "--samples", "4"]
+    assert run([*base, "--betas", "0.5", "--metric", "rouge", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == "rouge"
+    assert run([*base, "--betas", "0.5", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == "bleu"  # the run's data.valid_metric
+    with pytest.raises(ValueError, match="--metric 'x'"):
+        run([*base, "--metric", "x", "--device", "cpu"])

@@ -16,7 +16,8 @@ naming the key. End to end through `codat.cli.main` on a synthetic copy task: tr
 fine-tune it with `codat`, `reward` and `dp` (init_from), then generate with the sample decoder,
 tune-beta, analyze (NCM recomputed directly), plot and benchmark decode;
 `Validation.sample_stats` at temperature 0 with the per-sentence mean of the argmax walk's
-sentence BLEU; --resume of a fine-tuning run keeps its automatic codat.alpha.
+sentence BLEU; --resume of a fine-tuning run keeps its automatic codat.alpha; `codat_term`'s fused
+scores (a speed setting) with its plain path (term, statistics, gradients).
 """
 
 from __future__ import annotations
@@ -251,6 +252,35 @@ def test_codat_term_rejects_an_objective_without_sample_term():
     model, batch = _model(), _batch()
     with pytest.raises(ValueError, match="train.objective"):
         _terms(model, batch, objective="dp")
+
+
+@pytest.mark.parametrize("objective", ["codat", "reward"])
+def test_codat_term_fused_scores_equal_the_plain_path(objective):
+    """fused=True (scores gathered from the logits, no grad through the (B, L, V) log-probs) and
+    fused=False give the same term, statistics and parameter gradients."""
+    batch = _batch()
+    results = []
+    for fused in (True, False):
+        model = _model()
+        out = model(batch.src_ids, batch.src_lens)
+        term, stats = codat_term(
+            out,
+            batch,
+            objective=objective,
+            codat=CodatConfig(**LOOSE, reward_samples=4),
+            alpha=math.inf,
+            generator=torch.Generator().manual_seed(SEED),
+            fused=fused,
+        )
+        term.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        results.append((term.detach(), stats, grads))
+    (term, stats, grads), (ref, ref_stats, ref_grads) = results
+    assert float(term) != 0 and stats == pytest.approx(ref_stats, rel=1e-6)
+    torch.testing.assert_close(term, ref, rtol=1e-6, atol=1e-7)
+    assert len(grads) == len(ref_grads) > 0
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

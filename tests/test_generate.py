@@ -4,12 +4,14 @@ batches are sized by the model's `output_lengths` (the graph for DAT, the source
 `translate_ids` returns input order and equals one-sentence-at-a-time decoding; a `Translator`
 saved and loaded from a checkpoint directory (tiny untrained model + the copy task's
 sentencepiece model) decodes text like `translate_ids` on the ids, and `translate_file` /
-`distill` write one line per input.
+`distill` write one line per input. The API refuses a single string and options the chosen
+decoder does not read, gives "" for an empty line, and streams line by line (`translate_stream`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import pathlib
 
 import pytest
@@ -36,6 +38,7 @@ from codat.generate import (
     source_tensor,
     translate_file,
     translate_ids,
+    translate_stream,
 )
 from codat.objectives import log_softmax_fp32
 
@@ -257,3 +260,55 @@ def test_options_of_another_decoder_are_refused_naming_them():
         assert set(DECODER_OPTIONS[arch]) == set(decoders)
         for name, fields in DECODER_OPTIONS[arch].items():
             assert set(fields) <= {f.name for f in dataclasses.fields(DecodeConfig)}, name
+
+
+# ---------------------------------------------------------------- the API's inputs, streaming
+
+
+def test_a_single_string_is_refused_not_translated_character_by_character(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    with pytest.raises(TypeError, match=r"got a single string: use generate\(\[text\]\)"):
+        translator.generate("ein mann spielt")
+
+
+def test_an_empty_input_line_gives_an_empty_output_line(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    greedy = translator.settings("greedy")
+    alone = translator.generate(["der hund", "ein mann spielt"], greedy)
+    assert all(alone)  # an untrained model still emits tokens for a real sentence
+    hyps = translator.generate(["", "der hund", "  ", "ein mann spielt", ""], greedy)
+    assert hyps == ["", alone[0], "", alone[1], ""]
+    assert translator.generate([]) == []
+
+
+def test_options_the_chosen_decoder_does_not_read_are_refused_by_the_api(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")  # the run's decoder: lookahead (the default)
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    lines = ["der hund"]
+    with pytest.raises(ValueError, match="top_p does not apply to the lookahead decoder"):
+        translator.generate(lines, dataclasses.replace(translator.decode_cfg, top_p=0.3))
+    with pytest.raises(ValueError, match="samples does not apply to the greedy decoder"):
+        translator.generate(lines, dataclasses.replace(translator.settings("greedy"), samples=2))
+    sample = dataclasses.replace(translator.settings("sample"), top_p=0.3, samples=2)
+    assert len(translator.generate(lines, sample)) == 1
+    # The run's own settings (samples=4 here) are never refused, whatever the decoder.
+    assert len(translator.generate(lines, translator.settings("viterbi"))) == 1
+    with pytest.raises(ValueError, match="decode.top_p"):
+        translator.generate(lines, dataclasses.replace(sample, top_p=2.0))
+
+
+def test_streaming_writes_one_line_per_input_line_like_batch_decoding(data, tmp_path):
+    _checkpoint(data, "dat", tmp_path / "ckpt")
+    translator = Translator.from_dir(tmp_path / "ckpt")
+    lines = ["der hund", "", "ein mann\u2028spielt", "im park\r"]
+    src = io.BytesIO("".join(x + "\n" for x in lines).encode())
+    out = io.StringIO()
+    greedy = translator.settings("greedy")
+    assert translate_stream(translator, src, out, greedy) == 4
+    want = translator.generate(["der hund", "", "ein mann\u2028spielt", "im park"], greedy)
+    assert out.getvalue() == "".join(h + "\n" for h in want)
+    assert want[1] == ""
+    with pytest.raises(ValueError, match=r"<stdin>:2: invalid UTF-8"):
+        translate_stream(translator, io.BytesIO(b"der hund\n\xff\n"), io.StringIO(), greedy)

@@ -10,8 +10,10 @@ float64 brute force over only the paths that put each revealed target i at its v
 tokens adding 0), values and gradients (zero on revealed columns). `dat_step` (objective dp) with
 the plain DP loss (ratio 0), with a step-by-step recomputation from its building blocks (ratio 0.5,
 no dropout), and, with dropout on, pass 1 with pass 2 (identical dropout masks: same outputs when
-nothing is revealed, same encoder states when something is); `dat_sentence_loss` with
--log P(Y|X) / N_b on the un-glanced DAG (inf without a path).
+nothing is revealed, same encoder states when something is); every `StepOptions` speed setting
+with the plain step (loss, gradients, statistics, random states); `argmax_hits` with
+`argmax(-1) == ids` (bfloat16 ties included); `dat_sentence_loss` with -log P(Y|X) / N_b on the
+un-glanced DAG (inf without a path).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,8 +29,8 @@ from conftest import make_batch, make_config, make_model
 
 from codat.config import RunConfig
 from codat.dag import dag_best_path, dag_log_likelihood
-from codat.dat_train import dat_sentence_loss, dat_step
-from codat.glancing import choose_glanced, force_alignment, glance_ratio
+from codat.dat_train import StepOptions, dat_sentence_loss, dat_step
+from codat.glancing import argmax_hits, choose_glanced, force_alignment, glance_ratio
 from codat.objectives import dag_nll, gather_token_logp
 
 NEG_INF = float("-inf")
@@ -148,6 +151,19 @@ def test_choose_glanced_deterministic_for_seeded_generator():
     torch.manual_seed(456)
     assert torch.equal(a, draw(7))
     assert not torch.equal(a, draw(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_hits_is_argmax_equality_with_ties(dtype):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randint(0, 4, (3, 50, 6), generator=g).to(dtype)  # many tied maxima
+    ids = torch.randint(0, 6, (3, 50), generator=g)
+    ids[0] = logits[0].argmax(-1)  # row 0: all hits
+    got = argmax_hits(logits, ids)
+    assert torch.equal(got, logits.argmax(-1) == ids)
+    assert got[0].all() and not got.all()
+    tied_later = (logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) == logits.amax(-1)) & ~got
+    assert tied_later.any()  # a maximum that is not the first one is no hit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,17 +390,62 @@ def test_dat_step_pass_two_reuses_pass_one_dropout_masks_when_nothing_revealed()
     assert not torch.equal(out.token_logits, out_b.token_logits)
 
 
-def test_dat_step_pass_two_reuses_pass_one_dropout_masks_when_glancing():
+@pytest.mark.parametrize("share_encoder", [False, True])
+def test_dat_step_pass_two_reuses_pass_one_dropout_masks_when_glancing(share_encoder):
     """With revealed tokens the decoder inputs differ, but the encoder (drawn first) must see the
-    same dropout masks in both passes."""
+    same dropout masks in both passes: run twice with equal outputs, or once, shared."""
     model = _model(dropout=0.3)
     batch = _batch(*BATCH)
     rec = _Recorder(model.encoder)
-    loss, stats = _step(model, batch, ratio=0.5)
+    options = replace(StepOptions.plain(), share_encoder=share_encoder)
+    generator = torch.Generator().manual_seed(0)
+    loss, stats = dat_step(
+        model, batch, cfg=CFG, ratio=0.5, generator=generator, autocast=NULL, options=options
+    )
     rec.handle.remove()
-    assert stats["glanced"] > 0 and len(rec.outputs) == 2
-    assert torch.equal(rec.outputs[0], rec.outputs[1])
+    assert stats["glanced"] > 0 and len(rec.outputs) == (1 if share_encoder else 2)
+    assert torch.equal(rec.outputs[0], rec.outputs[-1])
     assert torch.isfinite(loss)
+
+
+OPTION_SETS = [
+    StepOptions(),
+    StepOptions(share_encoder=False),
+    StepOptions(replay_dropout=False),
+    StepOptions(fused_token_logp=False, argmax_hits=False),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_step_options_change_neither_loss_nor_gradients_nor_rng(options):
+    """Every speed setting (and the plain step) gives the same glanced loss, gradients, glancing
+    statistics and random states after the step, in float32 with dropout on."""
+
+    def run(opts):
+        model = _model(dropout=0.3)
+        torch.manual_seed(7)
+        generator = torch.Generator().manual_seed(3)
+        loss, stats = dat_step(
+            model,
+            _batch(*BATCH),
+            cfg=CFG,
+            ratio=0.5,
+            generator=generator,
+            autocast=NULL,
+            options=opts,
+        )
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), stats, grads, torch.get_rng_state(), generator.get_state()
+
+    ref = run(StepOptions.plain())
+    got = run(options)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    assert got[1] == ref[1] and got[1]["glanced"] > 0
+    assert len(got[2]) == len(ref[2])
+    for g, r in zip(got[2], ref[2], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[3], ref[3]) and torch.equal(got[4], ref[4])
 
 
 def test_dat_sentence_loss_is_the_length_normalised_nll_and_inf_without_path():

@@ -7,7 +7,10 @@ out from their sub-modules; `Encoder` outputs on the valid positions of a ragged
 outputs of each sentence encoded alone and with extra padding columns appended (padding
 invariance); layers in eval mode with themselves (deterministic) and, as a control, in train mode
 with dropout (not deterministic); `bert_init` statistics with N(0, 0.02), zero biases and a zero
-padding row.
+padding row; attention with `fp32_on_cpu` under bf16 autocast with the float64 naive attention of
+the same bf16 inputs (closer than bf16 SDPA), unchanged in float32; `Dropout` with `F.dropout`
+from the same RNG state (bit for bit, float32 and bf16), and `DropoutTape` replay with the
+recorded pass (same outputs, no random draws), refusing a replay of another shape or length.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from torch import nn
 
 from codat.layers import (
     DecoderLayer,
+    Dropout,
+    DropoutTape,
     Encoder,
     EncoderLayer,
     FeedForward,
     MultiHeadAttention,
+    attention,
     bert_init,
+    set_attention_fp32_on_cpu,
 )
 
 D, H, FFN = 16, 4, 32
@@ -220,3 +227,79 @@ def test_bert_init_leaves_layer_norm_alone_and_zeroes_all_linear_biases():
             assert abs(float(module.weight.detach().std()) - 0.02) < 0.01, name
         elif isinstance(module, nn.LayerNorm):  # untouched by bert_init
             assert torch.all(module.weight == 0.5), name
+
+
+def test_attention_fp32_on_cpu_is_closer_to_float64_than_bf16_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8, generator=g).to(torch.bfloat16) for _ in range(3))
+    mask = _key_mask([9, 5, 1], 9)[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention(q, k, v, mask, fp32_on_cpu=True)
+        plain = attention(q, k, v, mask, fp32_on_cpu=False)
+        fast_of_fp32 = attention(q.float(), k.float(), v.float(), mask, fp32_on_cpu=True)
+    assert fast.dtype == fast_of_fp32.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert torch.equal(fast, fast_of_fp32)  # float32 inputs stay float32 under autocast
+    err_fast = (fast.double() - ref).abs().max()
+    assert err_fast <= (plain.double() - ref).abs().max() and err_fast < 1e-5
+    q32, k32, v32 = q.float(), k.float(), v.float()  # float32 without autocast: no change
+    assert torch.equal(
+        attention(q32, k32, v32, mask, fp32_on_cpu=True),
+        attention(q32, k32, v32, mask, fp32_on_cpu=False),
+    )
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_attention_module_fp32_on_cpu_under_autocast_is_bf16_noise_only(self_attention):
+    attn = MultiHeadAttention(D, H, self_attention=self_attention)
+    x, memory = torch.randn(2, 5, D), torch.randn(2, 7, D)
+    mask = _key_mask([5, 3], 5) if self_attention else _key_mask([7, 2], 7)
+    ref = attn(x, None if self_attention else memory, mask)  # float32
+    outs = []
+    for fp32 in (True, False):
+        attn.fp32_on_cpu = fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(attn(x, None if self_attention else memory, mask))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    for y in outs:
+        torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
+
+
+def test_set_attention_fp32_on_cpu_switches_every_attention_module():
+    layer = DecoderLayer(D, H, FFN, dropout=0.0)
+    assert layer.self_attn.fp32_on_cpu and layer.cross_attn.fp32_on_cpu  # the default
+    set_attention_fp32_on_cpu(layer, False)
+    assert not layer.self_attn.fp32_on_cpu and not layer.cross_attn.fp32_on_cpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_tape_records_exactly_f_dropout_and_replays_it(dtype):
+    drop = Dropout(0.3)
+    x = torch.randn(4, 5, 16).to(dtype)
+    torch.manual_seed(3)
+    ref = [F.dropout(x, 0.3, training=True), F.dropout(x + 1, 0.3, training=True)]
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    tape = DropoutTape()
+    with tape.record():
+        rec = [drop(x), drop(x + 1)]
+    assert all(torch.equal(a, b) for a, b in zip(rec, ref, strict=True))
+    assert torch.equal(torch.get_rng_state(), after) and len(tape.masks) == 2
+    with tape.replay():
+        again = [drop(x), drop(x + 1)]
+    assert all(torch.equal(a, b) for a, b in zip(again, ref, strict=True))
+    assert torch.equal(torch.get_rng_state(), after)  # replay draws nothing
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), ref[0])  # outside a tape: nn.Dropout
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_dropout_tape_refuses_a_different_replay():
+    drop = Dropout(0.5)
+    tape = DropoutTape()
+    with tape.record():
+        drop(torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="does not match"), tape.replay():
+        drop(torch.ones(3, 3))
+    with pytest.raises(RuntimeError, match="replayed 0 of 1"), tape.replay():
+        pass

@@ -8,7 +8,8 @@ other entry with -inf, in float32 and under bfloat16 autocast (where it must sta
 final decoder states; `token_logits` with h @ embed.weight^T (tied head, no other (V, D)
 parameter); `graph_inputs` with hand-written rows; outputs on valid vertices of a ragged batch with
 each sentence run alone and with extra source padding (eval mode); gradients of the DP loss
-(`objectives.dag_nll` of `objectives.gather_token_logp`) with finite values for every parameter.
+(`objectives.dag_nll` of `objectives.gather_token_logp`) with finite values for every parameter;
+forward from given encoder states (`encoded=`) with the plain forward.
 """
 
 from __future__ import annotations
@@ -166,6 +167,16 @@ def test_no_nan_for_ragged_batch():
     assert torch.isfinite(out.token_logits).all()
     assert not torch.isnan(out.trans_logp).any()
     assert not (out.trans_logp == float("inf")).any()
+
+
+def test_forward_from_given_encoder_states_equals_plain_forward():
+    model = _model().eval()
+    src, lens = _src(SRC_LENS)
+    with torch.no_grad():
+        out = model(src, lens)
+        again = model(src, lens, encoded=model.encode(src, lens))
+    for a, b in zip(out, again, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_token_head_is_tied_to_embedding():

@@ -1,7 +1,9 @@
 """codat.objectives against float64 references written from the definitions (method.md §2.4, §3).
 
 Compared: `gather_token_logp` with log_softmax(logits.double()).gather(...) read at [b, j, i] =
-log P(y_i | v_j) (float32 output, also from bfloat16 logits); `dag_nll` with
+log P(y_i | v_j) (float32 output, also from bfloat16 logits), the fused path (row chunks, its own
+gradient) with the plain log_softmax path in values and gradients, across chunk boundaries, in
+float64 / float32 / bfloat16 (bf16 gradients within one bf16 rounding); `dag_nll` with
 -(mean_b ll_b / N_b), ll_b by explicit enumeration of all paths 0 = a_0 < ... < a_{N_b-1} = L_b - 1
 (local brute force, float64, L <= 7), sentences with L_b < N_b contributing exactly 0 and counted
 as invalid, and its autograd gradient with the gradient of the brute-force loss.
@@ -12,8 +14,10 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 
+from codat import objectives
 from codat.objectives import dag_nll, gather_token_logp
 
 NEG_INF = float("-inf")
@@ -75,6 +79,29 @@ def test_gather_token_logp_gradient_matches_float64():
     ref = torch.log_softmax(ref_logits, -1).gather(-1, tgt.unsqueeze(1).expand(2, 3, 2))
     (ref * w).sum().backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_gather_token_logp_equals_plain_path_across_chunks(dtype, monkeypatch):
+    monkeypatch.setattr(objectives, "chunk_rows", lambda vocab: 4)  # 7 * 5 rows: 9 chunks
+    g = torch.Generator().manual_seed(1)
+    base = (3 * torch.randn(7, 5, 13, generator=g, dtype=torch.float64)).to(dtype)
+    tgt = torch.randint(0, 13, (7, 6), generator=g)
+    tgt[0, :3] = 4  # a token repeated in one target: its gradients add up
+    w = torch.randn(7, 5, 6, generator=g, dtype=torch.float64)
+    got, ref = [], []
+    for fused, out in ((True, got), (False, ref)):
+        logits = base.clone().requires_grad_(True)
+        logp = gather_token_logp(logits, tgt, fused=fused)
+        (logp.double() * w).sum().backward()
+        out += [logp.detach(), logits.grad]
+    assert got[0].dtype == ref[0].dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(got[0], ref[0])  # the same log_softmax kernel, gathered
+    assert got[1].dtype == dtype
+    if dtype == torch.bfloat16:  # one bf16 rounding of (almost) the same float32 value
+        torch.testing.assert_close(got[1], ref[1], rtol=2**-7, atol=1e-6)
+    else:
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-7)
 
 
 def test_dag_nll_equals_length_normalised_brute_force_with_invalid_zeroed():

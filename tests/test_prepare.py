@@ -131,7 +131,12 @@ def test_prepare_eval_splits_keep_every_line_with_crlf_stripped(prepared):
         src = (out / f"{split}.src.txt").read_text("utf-8")
         assert "\r" not in ref + src
         assert len(ref.splitlines()) == len(src.splitlines()) == n
-        assert meta["splits"][split] == {"lines": n, "too_long": 0, "kept": n}
+        assert meta["splits"][split] == {
+            "lines": n,
+            "truncated_sources": 0,
+            "too_long": 0,
+            "kept": n,
+        }
         assert len(ParallelData.load(out, split)) == n
     vsrc, vtgt = _sentences(8, seed=1)
     assert (out / "val.ref.txt").read_text("utf-8").splitlines() == vtgt
@@ -158,6 +163,7 @@ def test_prepare_drops_and_counts_empty_and_untrainable_train_pairs(prepared):
     _, meta = prepared
     assert meta["splits"]["train"] == {
         "lines": 65,
+        "truncated_sources": 0,
         "dropped_empty": 3,
         "dropped_too_long": 0,
         "dropped_untrainable": 2,
@@ -381,9 +387,9 @@ def test_force_refuses_the_current_directory(tmp_path, prefixes, monkeypatch):
 
 
 def test_max_positions_drops_and_counts_long_train_pairs(tmp_path, prefixes):
-    meta = prepare(**_kwargs(prefixes, tmp_path / "short", max_positions=6))
+    meta = prepare(**_kwargs(prefixes, tmp_path / "short", max_positions=6, long_sources="drop"))
     train = meta["splits"]["train"]
-    assert train["dropped_too_long"] > 0
+    assert train["dropped_too_long"] > 0 and train["truncated_sources"] == 0
     assert (
         train["kept"]
         + train["dropped_empty"]
@@ -395,3 +401,90 @@ def test_max_positions_drops_and_counts_long_train_pairs(tmp_path, prefixes):
     assert int(data.src_lens.max()) <= 6 and int(data.tgt_lens.max()) <= 6
     assert meta["splits"]["val"]["kept"] == 8  # evaluation splits keep every line
     assert meta["splits"]["val"]["too_long"] > 0
+
+
+# ---------------------------------------------------------------- long sources, ratio, refs
+
+
+def test_long_sources_are_truncated_in_every_split_and_counted(tmp_path, prefixes):
+    full = prepare(**_kwargs(prefixes, tmp_path / "full", max_ratio=0.0, upsample_scale=100.0))
+    meta = prepare(
+        **_kwargs(prefixes, tmp_path / "cut", max_positions=5, max_ratio=0.0, upsample_scale=100.0)
+    )
+    for split in ("val", "test"):  # evaluation splits keep every line
+        whole = ParallelData.load(tmp_path / "full", split)
+        cut = ParallelData.load(tmp_path / "cut", split)
+        n_long = int((whole.src_lens > 5).sum())
+        assert n_long > 0 and meta["splits"][split]["truncated_sources"] == n_long
+        assert len(cut) == len(whole) == meta["splits"][split]["kept"]
+        for a, b in zip(whole.src, cut.src, strict=True):
+            assert b.tolist() == a.tolist()[:4]
+    # train: truncated, then pairs whose target is too long dropped
+    assert meta["splits"]["train"]["truncated_sources"] > 0
+    assert int(ParallelData.load(tmp_path / "cut", "train").src_lens.max()) <= 5
+    assert full["splits"]["train"]["truncated_sources"] == 0
+    assert "sources truncated" in summary(meta, tmp_path / "cut")
+
+
+def test_unknown_long_sources_mode_is_an_error(tmp_path, prefixes):
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, tmp_path / "o", long_sources="x"), "--long")
+
+
+def _summarisation_corpus(root: pathlib.Path) -> dict[str, str]:
+    """Sources of 10-14 words, targets of 2: every pair has a length ratio above 2."""
+    rng = random.Random(3)
+    raw = root / "sum"
+    raw.mkdir()
+    for name, n in (("train", 40), ("dev", 6)):
+        src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 14))) for _ in range(n)]
+        _write(raw / f"{name}.src", src)
+        _write(raw / f"{name}.tgt", [" ".join(s.split()[:2]) for s in src])
+    return {"train": str(raw / "train"), "valid": str(raw / "dev")}
+
+
+def test_ratio_filter_that_drops_many_pairs_warns_loudly(tmp_path, caplog):
+    pre = _summarisation_corpus(tmp_path)
+    kw = dict(src="src", tgt="tgt", train=pre["train"], valid=pre["valid"], tests=[])
+    kw.update(vocab_size=60, upsample_scale=2.0)
+    with caplog.at_level("WARNING"):
+        meta = prepare(out=str(tmp_path / "r2"), max_ratio=2.0, **kw)
+    assert meta["splits"]["train"]["dropped_untrainable"] == 40 - meta["splits"]["train"]["kept"]
+    assert meta["splits"]["train"]["kept"] < 10
+    text = summary(meta, tmp_path / "r2")
+    assert "WARNING" in text and "--max-ratio 0" in text
+    assert "--max-ratio 0" in caplog.text
+    meta = prepare(out=str(tmp_path / "r0"), max_ratio=0.0, **kw)
+    assert meta["splits"]["train"]["kept"] == 40 and meta["max_ratio"] == 0.0
+    assert "WARNING" not in summary(meta, tmp_path / "r0")
+
+
+def test_refs_jsonl_beside_an_eval_split_is_copied_and_scored_against(tmp_path, prefixes):
+    from codat.evaluate import load_split
+
+    refs = [[f"ref {i} a", f"ref  {i}   b"] for i in range(8)]
+    _write(tmp_path / "raw" / "val.refs.jsonl", [json.dumps(r) for r in refs])
+    meta = prepare(**_kwargs(prefixes, tmp_path / "bin"))
+    assert meta["splits"]["val"]["refs_jsonl"] is True
+    assert "refs_jsonl" not in meta["splits"]["test"]
+    data, loaded = load_split(tmp_path / "bin", "val")
+    assert loaded == [[f"ref {i} a", f"ref {i} b"] for i in range(8)]  # whitespace collapsed
+    assert len(data) == 8
+    _, single = load_split(tmp_path / "bin", "test")
+    assert all(isinstance(r, str) for r in single)
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [(['["a"]'] * 3, "has 3 lines but the split has 8"), (['["a"]', "{"] * 4, "line 2")],
+)
+def test_bad_refs_jsonl_names_the_file(tmp_path, prefixes, lines, match):
+    _write(tmp_path / "raw" / "val.refs.jsonl", lines)
+    _assert_prepare_error(tmp_path, _kwargs(prefixes, tmp_path / "bin"), match)
+
+
+def test_cli_long_sources_flag_reaches_prepare(tmp_path, prefixes, capsys):
+    argv = [*_argv(prefixes, tmp_path / "bin"), "--max-positions", "5", "--long-sources", "drop"]
+    assert run(["prepare", *argv]) == 0
+    meta = json.loads((tmp_path / "bin" / "meta.json").read_text())
+    assert meta["long_sources"] == "drop" and meta["splits"]["train"]["truncated_sources"] == 0
+    assert meta["splits"]["val"]["truncated_sources"] > 0

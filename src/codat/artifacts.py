@@ -16,14 +16,18 @@ import pathlib
 import shutil
 import tempfile
 
+from codat import __version__
+
 log = logging.getLogger(__name__)
 
 MARKER = ".codat"
 
 
 def write_marker(directory: pathlib.Path, kind: str) -> None:
-    """Mark `directory` as a complete codat artifact of `kind` (data, run, checkpoint)."""
-    (pathlib.Path(directory) / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+    """Mark `directory` as a complete codat artifact of `kind` (data, run, checkpoint, export),
+    written by this codat version."""
+    marker = {"kind": kind, "codat_version": __version__}
+    (pathlib.Path(directory) / MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def artifact_kind(directory: str | pathlib.Path) -> str | None:

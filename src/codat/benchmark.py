@@ -77,6 +77,7 @@ def make_dag_inputs(
     graph_len: int,
     *,
     seed: int = 0,
+    scale: float = 1.0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,10 +87,13 @@ def make_dag_inputs(
     shorter graph; target lengths are drawn in [N/2, N] and never exceed the graph length, so
     every sentence has a path. `token_logp[b, j, i]` is the log-softmax over a vocabulary of random
     logits, read at a random target token; `trans_logp` rows are log-softmaxes of random scores
-    over the valid successors k < j < L_b, and -inf elsewhere.
+    over the valid successors k < j < L_b, and -inf elsewhere. `scale` multiplies both sets of
+    logits: 10 or 30 gives the peaky distributions of a well-trained model.
     """
     if not 1 <= target_len <= graph_len:
         raise ValueError(f"need 1 <= target_len <= graph_len, got {target_len}, {graph_len}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     B, N, L = batch_size, target_len, graph_len
     g = torch.Generator().manual_seed(seed)
     graph_lens = torch.full((B,), L, dtype=torch.long)
@@ -101,14 +105,14 @@ def make_dag_inputs(
     target_lens[0] = N
     graph_lens[0] = L
 
-    logits = 3.0 * torch.randn(B, L, _VOCAB, generator=g)
+    logits = 3.0 * scale * torch.randn(B, L, _VOCAB, generator=g)
     targets = torch.randint(0, _VOCAB, (B, 1, N), generator=g).expand(B, L, N)
     token_logp = torch.log_softmax(logits, dim=-1).gather(2, targets)  # (B, L, N)
 
     k = torch.arange(L).view(1, L, 1)
     j = torch.arange(L).view(1, 1, L)
     valid = (k < j) & (j < graph_lens.view(B, 1, 1))  # (B, L, L)
-    scores = 2.0 * torch.randn(B, L, L, generator=g)
+    scores = 2.0 * scale * torch.randn(B, L, L, generator=g)
     trans_logp = torch.log_softmax(scores.masked_fill(~valid, NEG_INF), dim=2)
     trans_logp = torch.where(valid, trans_logp, NEG_INF)  # also clears the NaN of empty rows
 
@@ -231,6 +235,8 @@ def run_dag_benchmark(
     repeats: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    scale: float = 1.0,
+    threads: int | None = None,
     device: str = "cpu",
 ) -> dict:
     """Time `dag_log_likelihood` ("codat") against `naive_dag_log_likelihood` ("naive").
@@ -240,14 +246,23 @@ def run_dag_benchmark(
     four measurements interleaved within every round (with the order of the two functions
     alternating from round to round); medians are reported in milliseconds. Also returns the
     max |difference| of values and gradients (float32), and on CUDA the peak memory of one
-    forward + backward.
+    forward + backward. `scale` sharpens the inputs (`make_dag_inputs`); `threads` sets torch's
+    intra-op threads for the run (restored afterwards).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     dev = torch.device(device)
-    inputs = make_dag_inputs(batch_size, target_len, graph_len, seed=seed, device=dev)
+    inputs = make_dag_inputs(batch_size, target_len, graph_len, seed=seed, scale=scale, device=dev)
     fns = {"codat": dag_log_likelihood, "naive": naive_dag_log_likelihood}
-    med = _median_times(fns, inputs, repeats=repeats, warmup=warmup, dev=dev)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        med = _median_times(fns, inputs, repeats=repeats, warmup=warmup, dev=dev)
+        torch_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     memory = {
         name: _peak_memory_mb(_forward_backward_job(fn, inputs), dev) for name, fn in fns.items()
     }
@@ -261,10 +276,11 @@ def run_dag_benchmark(
         "repeats": repeats,
         "warmup": warmup,
         "seed": seed,
+        "scale": scale,
         "device": str(dev),
         "dtype": str(token_logp.dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch_threads,
         "forward_ms": {"naive": med[("forward", "naive")], "codat": med[("forward", "codat")]},
         "forward_backward_ms": {
             "naive": med[("forward_backward", "naive")],
@@ -288,7 +304,8 @@ def format_dag_report(result: dict) -> str:
     lines = [
         "DAG log-likelihood: codat.dag.dag_log_likelihood vs dense DAT-style reference",
         f"B={r['batch_size']}  N={r['target_len']}  L={r['graph_len']}  device={r['device']}  "
-        f"dtype={r['dtype']}  torch {r['torch_version']}  threads={r['torch_threads']}  "
+        f"dtype={r['dtype']}  scale={r.get('scale', 1.0)}  torch {r['torch_version']}  "
+        f"threads={r['torch_threads']}  "
         f"repeats={r['repeats']} (median, warmup {r['warmup']})",
         "",
         f"{'':<18}{'naive ms':>12}{'codat ms':>12}{'speed-up':>11}",

@@ -1,5 +1,7 @@
 """Checkpoints are directories: model.safetensors + config.yaml + spm.model (+ optimizer state for
-resuming). Nothing is ever unpickled: tensors go through safetensors, the rest through YAML/JSON."""
+resuming). Nothing is ever unpickled: tensors go through safetensors, the rest through YAML/JSON.
+Every safetensors file carries the metadata {"format": "pt", "codat_version": ...}
+(`tensor_metadata`; `checkpoint_version` reads it)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import logging
 import pathlib
 import shutil
 
+import safetensors
 import safetensors.torch
 import torch
 import yaml
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from codat import __version__
 from codat.artifacts import artifact_kind, replace_dir, temp_dir, write_marker
 from codat.cmlm import CMLM
 from codat.config import ModelConfig, RunConfig, load_config, save_config
@@ -33,6 +37,13 @@ MODELS: dict[str, type[nn.Module]] = {
     "ctc": CTCModel,
     "cmlm": CMLM,
 }
+
+
+def tensor_metadata() -> dict[str, str]:
+    """The metadata of every safetensors file codat writes: "pt" tells loaders (transformers
+    among them) the tensors are PyTorch's; the version says which codat wrote them. A new dict
+    each time: safetensors' save_model adds the tied weights' names to the one it is given."""
+    return {"format": "pt", "codat_version": __version__}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -88,15 +99,14 @@ def save_checkpoint(
         raise ValueError(f"refusing to write {path}: weights are not finite ({', '.join(bad[:3])})")
     tmp = temp_dir(path)
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embeddings
-        save_config(cfg, tmp / "config.yaml")
-        shutil.copy(spm_model, tmp / "spm.model")
+        write_model_files(tmp, model, cfg, spm_model)
         if optimizer is not None:
             tensors, meta = _flatten_optimizer(optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=tensor_metadata())
             (tmp / "optimizer.json").write_text(json.dumps(meta))
         if rng is not None:
-            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+            rng = {k: v.contiguous() for k, v in rng.items()}
+            save_file(rng, str(tmp / "rng.safetensors"), metadata=tensor_metadata())
         if state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         write_marker(tmp, "checkpoint")
@@ -104,6 +114,25 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_model_files(
+    directory: pathlib.Path, model: nn.Module, cfg: RunConfig, spm_model: str | pathlib.Path
+) -> None:
+    """What loading a model needs, into `directory`: model.safetensors (`tensor_metadata`),
+    config.yaml and spm.model."""
+    # save_model handles the tied embeddings
+    save_model(model, str(directory / "model.safetensors"), metadata=tensor_metadata())
+    save_config(cfg, directory / "config.yaml")
+    shutil.copy(spm_model, directory / "spm.model")
+
+
+def checkpoint_version(path: str | pathlib.Path) -> str | None:
+    """The codat version that wrote the checkpoint at `path` (its model.safetensors metadata);
+    None for one written before versions were recorded."""
+    file = resolve_checkpoint(path) / "model.safetensors"
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        return (f.metadata() or {}).get("codat_version")
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -241,7 +270,7 @@ def average_checkpoints(paths: list[pathlib.Path], out: str | pathlib.Path) -> N
         )
     tmp = temp_dir(out)
     try:
-        save_file(averaged, str(tmp / "model.safetensors"))
+        save_file(averaged, str(tmp / "model.safetensors"), metadata=tensor_metadata())
         shutil.copy(pathlib.Path(paths[0]) / "config.yaml", tmp / "config.yaml")
         shutil.copy(pathlib.Path(paths[0]) / "spm.model", tmp / "spm.model")
         (tmp / "averaged_from.json").write_text(json.dumps([str(p) for p in paths], indent=2))

@@ -101,14 +101,25 @@ def _add_prepare(sub) -> None:
         "--upsample-scale", type=float, default=8.0, help="lambda used to drop pairs with L < n"
     )
     p.add_argument(
-        "--max-ratio", type=float, default=2.0, help="drop training pairs above this length ratio"
+        "--max-ratio",
+        type=float,
+        default=2.0,
+        help="drop training pairs whose length ratio (either way) is above this; a per-task "
+        "choice: 2 (default) for translation and paraphrase, 0 = off for summarisation",
     )
     p.add_argument(
         "--max-positions",
         type=int,
         default=256,
-        help="drop training pairs whose source (+</s>) or target (+<s></s>) is longer than this "
-        "(the model's max_source_positions; 0 = no limit)",
+        help="the model's max_source_positions: longer sources (+</s>) are truncated (see "
+        "--long-sources), training pairs with a longer target (+<s></s>) dropped (0 = no limit)",
+    )
+    p.add_argument(
+        "--long-sources",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="sources longer than --max-positions: truncate (default, counted and reported) or "
+        "drop the training pair (evaluation splits are always truncated)",
     )
     p.add_argument(
         "--force",
@@ -116,6 +127,25 @@ def _add_prepare(sub) -> None:
         help="replace a non-empty output directory written by an earlier codat prepare "
         "(never any other directory)",
     )
+
+
+def _add_data(sub) -> None:
+    p = _verb(
+        sub,
+        "data",
+        commands.data,
+        "download a corpus (multi30k, qqp, scitldr) from its pinned upstream into DIR/NAME",
+        "Download a corpus from its public upstream (a pinned GitHub commit), verify every file's "
+        "sha256, build the split files and write DIR/NAME (appears only when complete).",
+    )
+    p.add_argument("name", help="multi30k, qqp or scitldr")
+    p.add_argument("--to", required=True, metavar="DIR", help="parent directory, e.g. data")
+    p.add_argument(
+        "--base-url",
+        default="https://raw.githubusercontent.com",
+        help="where OWNER/REPO/COMMIT/PATH are served (a mirror; default GitHub's raw files)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_train(sub) -> None:
@@ -167,6 +197,12 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--output", "-o", default="-", help="output file (- = stdout)")
     p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="translate line by line, writing each output line as soon as it is decoded (the "
+        "default when reading a terminal; otherwise the input is batched by --max-tokens)",
+    )
+    p.add_argument(
         "--no-truncate",
         dest="truncate",
         action="store_false",
@@ -175,6 +211,22 @@ def _add_generate(sub) -> None:
     )
     add_decode_flags(p, title="decoding (default: the run's decode settings)")
     _add_device(p)
+
+
+def _add_export(sub) -> None:
+    p = _verb(
+        sub,
+        "export",
+        commands.export,
+        "write a self-contained model directory with a model card, ready to publish",
+        "Write OUT: the run's best checkpoint (model.safetensors, config.yaml, spm.model) and a "
+        "model card README.md (data, config, validation scores from metrics.jsonl). "
+        "codat.load(OUT) and codat generate OUT read it.",
+    )
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("out", help="output directory (created; appears only when complete)")
+    p.add_argument("--checkpoint", help="export this checkpoint directory instead of RUN_DIR/best")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
 
 
 def _add_distill(sub) -> None:
@@ -206,11 +258,22 @@ def _add_small_verbs(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output checkpoint dir (default RUN_DIR/averaged)")
     p = _verb(
-        sub, "score", commands.score, "corpus sacreBLEU of a hypothesis file against a reference"
+        sub,
+        "score",
+        commands.score,
+        "corpus BLEU, chrF or ROUGE of a hypothesis file against references",
+        "Corpus BLEU / chrF (sacreBLEU) or ROUGE-1/2/L/Lsum (rouge-score, stemmed) of HYP "
+        "against REF (one reference per line) or --refs-jsonl (several per line: a JSON list).",
     )
     p.add_argument("hyp")
-    p.add_argument("ref")
-    p.add_argument("--tokenize", default="13a", help="sacreBLEU tokenizer (default 13a)")
+    p.add_argument("ref", nargs="?", help="reference file, one per line (or use --refs-jsonl)")
+    p.add_argument(
+        "--refs-jsonl",
+        help="references as JSON lists, one line per hypothesis (e.g. SciTLDR's dev.refs.jsonl); "
+        "ROUGE takes the best reference per sentence, BLEU/chrF use all",
+    )
+    p.add_argument("--metric", default="bleu", help="bleu (default), chrf or rouge")
+    p.add_argument("--tokenize", default="13a", help="sacreBLEU tokenizer for bleu (default 13a)")
     p = _verb(
         sub,
         "plot",
@@ -236,7 +299,8 @@ def _add_sampling_verbs(sub) -> None:
         "tune-beta",
         commands.tune_beta,
         "pick the sample decoder's rerank token weight on validation",
-        "Pick the sample decoder's rerank token weight by corpus BLEU on validation.",
+        "Pick the sample decoder's rerank token weight by the corpus score (--metric, default "
+        "the run's data.valid_metric) on validation.",
     )
     tune.add_argument(
         "--betas",
@@ -251,6 +315,16 @@ def _add_sampling_verbs(sub) -> None:
         p.add_argument("--split", default="val", help="split name (default val)")
         p.add_argument("--max-sentences", type=int, default=0, help="only the first N (0 = all)")
         p.add_argument("--output", "-o", default=None, help="also write the result as JSON here")
+        p.add_argument(
+            "--metric",
+            default=None,
+            help="bleu, chrf or rouge (default: the run's data.valid_metric)",
+        )
+        p.add_argument(
+            "--tokenize",
+            default=None,
+            help="sacreBLEU tokenizer (default: the run's data.tokenize)",
+        )
         add_decode_flags(p, title="sampling (default: the run's decode settings)")
         _add_device(p)
 
@@ -312,10 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"codat {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="<command>", required=True)
+    _add_data(sub)
     _add_prepare(sub)
     _add_train(sub)
     _add_generate(sub)
     _add_distill(sub)
+    _add_export(sub)
     _add_sampling_verbs(sub)
     _add_small_verbs(sub)
     _add_benchmark(sub)

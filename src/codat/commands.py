@@ -62,6 +62,16 @@ def _write_json(result: dict, path: str | None) -> None:
         write_json(result, path)
 
 
+def data(a: argparse.Namespace) -> int:
+    from codat.datasets import CORPORA, download
+
+    if a.name not in CORPORA:
+        raise ValueError(f"corpus '{a.name}': choose one of {', '.join(CORPORA)}")
+    target = download(CORPORA[a.name], a.to, base_url=a.base_url, progress=not a.no_progress)
+    print(f"{a.name}: {target} (every pinned sha256 verified)")
+    return 0
+
+
 def prepare(a: argparse.Namespace) -> int:
     from codat.prepare import prepare, summary
 
@@ -76,6 +86,7 @@ def prepare(a: argparse.Namespace) -> int:
         upsample_scale=a.upsample_scale,
         max_ratio=a.max_ratio,
         max_positions=a.max_positions,
+        long_sources=a.long_sources,
         force=a.force,
     )
     print(summary(meta, a.out))
@@ -96,12 +107,26 @@ def train(a: argparse.Namespace) -> int:
 
 def generate(a: argparse.Namespace) -> int:
     from codat.artifacts import check_output_file
-    from codat.generate import Translator, translate_file
+    from codat.generate import Translator, stream_file, translate_file
 
     check_output_file(a.output, "--output")
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
     dc = decode_config(translator.decode_cfg, a, translator.model.cfg.arch)
-    translate_file(translator, a.input, a.output, dc, truncate=a.truncate)
+    terminal = a.input == "-" and sys.stdin.isatty()
+    if terminal:
+        print("codat generate: one sentence per line; Ctrl-D ends", file=sys.stderr)
+    if a.interactive or terminal:
+        stream_file(translator, a.input, a.output, dc, truncate=a.truncate)
+    else:
+        translate_file(translator, a.input, a.output, dc, truncate=a.truncate)
+    return 0
+
+
+def export(a: argparse.Namespace) -> int:
+    from codat.export import export_run
+
+    out = export_run(a.run_dir, a.out, checkpoint=a.checkpoint, force=a.force)
+    print(f"exported {a.run_dir} -> {out} (load it with codat.load({str(out)!r}))")
     return 0
 
 
@@ -137,27 +162,42 @@ def average(a: argparse.Namespace) -> int:
 def score(a: argparse.Namespace) -> int:
     from codat.metrics import score_files
 
-    score, signature = score_files(a.hyp, a.ref, tokenize=a.tokenize)
-    print(score)
-    print(f"signature: {signature}")
+    result = score_files(
+        a.hyp, a.ref, metric=a.metric, tokenize=a.tokenize, refs_jsonl=a.refs_jsonl
+    )
+    print(result.text)
+    print(f"signature: {result.signature}")
     return 0
 
 
 def _sampling_setup(a: argparse.Namespace):
-    from codat.evaluate import first_sentences, load_split
+    """The translator, split, references and sampling settings of analyze / tune-beta, and the
+    metric keywords: --metric / --tokenize, else the run's data.valid_metric / data.tokenize."""
+    from codat.checkpoint import load_checkpoint_config, resolve_checkpoint
+    from codat.evaluate import first_sentences, load_split, truncate_sources
     from codat.generate import Translator
+    from codat.metrics import METRICS, TOKENIZERS
 
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
     data, refs = first_sentences(*load_split(a.data_dir, a.split), a.max_sentences)
+    data = truncate_sources(data, translator.model.cfg.max_source_positions, split=a.split)
     arch = translator.model.cfg.arch  # a non-DAT model is refused by the verb itself
     dc = decode_config(translator.decode_cfg, a, arch if arch == "dat" else None, "sample")
-    return translator, data, refs, dc
+    run_data = load_checkpoint_config(resolve_checkpoint(a.run_dir)).data
+    metric = a.metric or run_data.valid_metric
+    tokenize = a.tokenize or run_data.tokenize
+    if metric not in METRICS:
+        raise ValueError(f"--metric '{metric}': choose one of {', '.join(METRICS)}")
+    if tokenize not in TOKENIZERS:
+        raise ValueError(f"--tokenize '{tokenize}': choose one of {', '.join(TOKENIZERS)}")
+    return (translator, data, refs, dc), {"metric": metric, "tokenize": tokenize}
 
 
 def analyze(a: argparse.Namespace) -> int:
     from codat.evaluate import analyze
 
-    result = analyze(*_sampling_setup(a))
+    args, metric = _sampling_setup(a)
+    result = analyze(*args, **metric)
     print(json.dumps(result, indent=2))
     _write_json(result, a.output)
     return 0
@@ -170,7 +210,8 @@ def tune_beta(a: argparse.Namespace) -> int:
         weights = [float(x) for x in a.betas.split(",")]
     except ValueError:
         raise ValueError(f"--betas '{a.betas}' is not a comma-separated list of numbers") from None
-    result = tune_beta(*_sampling_setup(a), weights)
+    args, metric = _sampling_setup(a)
+    result = tune_beta(*args, weights, **metric)
     print(json.dumps(result, indent=2))
     _write_json(result, a.output)
     return 0

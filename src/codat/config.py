@@ -139,10 +139,26 @@ class DataConfig:
     dir: str = ""
     train_split: str = "train"
     valid_split: str = "val"
-    max_ratio: float = 2.0  # drop training pairs with tgt/src or src/tgt length ratio above this
+    # Per task: drop training pairs whose tgt/src or src/tgt length ratio is above this (0 = off).
+    # 2 suits translation and paraphrase; summarisation (long source, short target) needs 0.
+    max_ratio: float = 2.0
+    # Validation score that selects the best checkpoints (and tune-beta's weight, analyze's
+    # corpus scores): bleu, chrf, or rouge (the average of ROUGE-1/2/L F1, `codat.metrics`).
+    valid_metric: str = "bleu"
+    tokenize: str = "13a"  # sacreBLEU tokenizer of valid_metric bleu
 
     def __post_init__(self) -> None:
+        from codat.metrics import METRICS, TOKENIZERS
+
         check_range("data.max_ratio", self.max_ratio, low=0)
+        if self.valid_metric not in METRICS:
+            raise ValueError(
+                f"data.valid_metric='{self.valid_metric}': choose one of {', '.join(METRICS)}"
+            )
+        if self.tokenize not in TOKENIZERS:
+            raise ValueError(
+                f"data.tokenize='{self.tokenize}': choose one of {', '.join(TOKENIZERS)}"
+            )
 
 
 @dataclass(frozen=True)

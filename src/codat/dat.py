@@ -15,7 +15,7 @@ from torch import nn
 from codat.config import ModelConfig
 from codat.dag import NEG_INF, log_softmax_safe, logsumexp_safe
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
+from codat.layers import Dropout, bert_init, decoder_stack, shared_embedding_and_encoder
 
 
 def graph_lengths(
@@ -51,7 +51,7 @@ class DATransformer(nn.Module):
         self.embed, self.encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
         self.graph_positions = nn.Embedding(cfg.max_graph_positions, D)
         self.decoder_layers = decoder_stack(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # Transition head: features [h ; separate learned position] -> per-head query/key + gate.
         self.link_positions = nn.Embedding(cfg.max_graph_positions, D)
         self.link_query = nn.Linear(2 * D, D)
@@ -126,8 +126,10 @@ class DATransformer(nn.Module):
         src_ids: torch.Tensor,  # (B, S)
         src_lens: torch.Tensor,  # (B,)
         graph_ids: torch.Tensor | None = None,  # (B, L) glanced decoder input; None = placeholders
+        *,
+        encoded: Encoded | None = None,  # `encode(src_ids, src_lens)` done already: reuse it
     ) -> DagOutput:
-        enc = self.encode(src_ids, src_lens)
+        enc = self.encode(src_ids, src_lens) if encoded is None else encoded
         if graph_ids is None:
             graph_ids = self.graph_inputs(enc.graph_lens)
         return self.decode(enc, graph_ids)

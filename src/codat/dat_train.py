@@ -5,24 +5,35 @@ method.md §9), as plain functions of an unwrapped `DATransformer` and a `Batch`
 for train.objective codat / reward `codat.weight * codat_term(...)` on the un-glanced DAG.
 `codat_term` reads as the paper: sample -> reward -> select -> score -> loss.
 `dat_sentence_loss` is the per-sentence validation loss (and what CoDAT's alpha is calibrated on).
+`StepOptions` holds the step's speed settings (how it computes, never what).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from codat.config import CodatConfig, RunConfig
 from codat.dag import dag_best_path, dag_log_likelihood
-from codat.dat import DagOutput, DATransformer
+from codat.dat import DagOutput, DATransformer, Encoded
 from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, Batch
 from codat.decode import DagSamples, sample_dag
-from codat.glancing import choose_glanced, force_alignment, replay_rng
+from codat.glancing import (
+    aligned_tokens,
+    argmax_hits,
+    choose_glanced,
+    force_alignment,
+    replay_rng,
+    reveal,
+)
+from codat.layers import DropoutTape
 from codat.objectives import (
     dag_nll,
     gather_token_logp,
+    gathered_samples_log_q,
     log_softmax_fp32,
     sample_targets,
     samples_log_q,
@@ -34,6 +45,23 @@ SAMPLE_OBJECTIVES = ("codat", "reward")
 
 # ---------------------------------------------------------------------------------------------
 # The training step
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How `dat_step` computes, never what: each setting gives the same loss and gradients (float32:
+    up to rounding; bf16: within bf16 noise) and is on by default. `StepOptions.plain()` turns all
+    off (the step as first written), which `codat benchmark train` times against; the attention
+    setting lives on the model (`layers.set_attention_fp32_on_cpu`)."""
+
+    fused_token_logp: bool = True  # `gather_token_logp(fused=True)`: no float32 (B, L, V) log-probs
+    share_encoder: bool = True  # glancing: pass 1 decodes pass 2's encoder states (one encoder run)
+    replay_dropout: bool = True  # glancing: pass 2 reuses pass 1's masks (`layers.DropoutTape`)
+    argmax_hits: bool = True  # glancing: `glancing.argmax_hits`, not an argmax over (B, L, V)
+
+    @classmethod
+    def plain(cls) -> StepOptions:
+        return cls(False, False, False, False)
 
 
 class Glance(NamedTuple):
@@ -51,12 +79,18 @@ def glance_inputs(
     ratio: float,
     generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
+    encoded: Encoded | None = None,
+    tape: DropoutTape | None = None,
+    options: StepOptions = StepOptions(),
 ) -> Glance:
     """Glancing's pass 1, without grad: the best alignment of each reference, and the vertices
-    whose aligned gold token pass 2 sees (`choose_glanced`). The global RNG is restored after it,
-    so pass 2 draws the same dropout masks."""
-    with replay_rng(batch.src_ids.device), torch.no_grad(), autocast:
-        out = model(batch.src_ids, batch.src_lens)
+    whose aligned gold token pass 2 sees (`choose_glanced`). Pass 2 must see the same dropout
+    masks: with a `tape`, pass 1 records them (pass 2 replays the tape); without one, the global
+    RNG is restored after pass 1 so that pass 2 draws them again. `encoded`: the encoder states
+    pass 2 will use (computed with grad by the caller), else pass 1 encodes the batch itself."""
+    rng = replay_rng(batch.src_ids.device) if tape is None else tape.record()
+    with rng, torch.no_grad(), autocast:
+        out = model(batch.src_ids, batch.src_lens, encoded=encoded)
         # Only the alignment is needed here, so the model's dtype suffices (no float32 copy).
         N = batch.tgt_ids.shape[1]
         token_logp = (
@@ -65,14 +99,19 @@ def glance_inputs(
             .float()
         )  # (B, L, N)
         path, _ = dag_best_path(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
-        keep, oracle = choose_glanced(
-            path,
-            out.token_logits.argmax(-1),
-            batch.tgt_ids,
-            batch.tgt_lens,
-            ratio=ratio,
-            generator=generator,
-        )
+        if options.argmax_hits:
+            oracle = aligned_tokens(path, batch.tgt_ids)
+            correct = argmax_hits(out.token_logits, oracle)
+            keep = reveal(path, correct, batch.tgt_lens, ratio=ratio, generator=generator)
+        else:
+            keep, oracle = choose_glanced(
+                path,
+                out.token_logits.argmax(-1),
+                batch.tgt_ids,
+                batch.tgt_lens,
+                ratio=ratio,
+                generator=generator,
+            )
         graph_ids = torch.where(keep, oracle, model.graph_inputs(out.graph_lens))
     return Glance(graph_ids, path, keep)
 
@@ -81,14 +120,47 @@ def glanced_dp_loss(
     out: DagOutput,
     batch: Batch,
     glance: Glance | None,
+    *,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, int]:  # scalar, number of sentences without a path
     """CoDAT eq. (3), the DP loss, with every revealed target token forced onto its vertex (it adds
-    no loss); sentences whose graph is too short for the target count 0 and are returned."""
-    token_logp = gather_token_logp(out.token_logits, batch.tgt_ids)  # (B, L, N)
+    no loss); sentences whose graph is too short for the target count 0 and are returned.
+    `fused`: `gather_token_logp`'s."""
+    token_logp = gather_token_logp(out.token_logits, batch.tgt_ids, fused=fused)  # (B, L, N)
     if glance is not None:
         token_logp = force_alignment(token_logp, glance.path, glance.keep)
     loss, _, invalid = dag_nll(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
     return loss, invalid
+
+
+def glanced_forward(
+    model: DATransformer,
+    batch: Batch,
+    *,
+    ratio: float,
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+    options: StepOptions,
+) -> tuple[DagOutput, Glance]:
+    """Glancing's two passes (method.md §4): pass 1 (`glance_inputs`) picks the revealed tokens,
+    pass 2, with grad and pass 1's dropout masks, is the output trained."""
+    encoded, tape = None, DropoutTape() if options.replay_dropout else None
+    if options.share_encoder:
+        with autocast:
+            encoded = model.encode(batch.src_ids, batch.src_lens)
+    glance = glance_inputs(
+        model,
+        batch,
+        ratio=ratio,
+        generator=generator,
+        autocast=autocast,
+        encoded=encoded,
+        tape=tape,
+        options=options,
+    )
+    with autocast, contextlib.nullcontext() if tape is None else tape.replay():
+        out = model(batch.src_ids, batch.src_lens, glance.graph_ids, encoded=encoded)
+    return out, glance
 
 
 def dat_step(
@@ -99,22 +171,26 @@ def dat_step(
     ratio: float,
     generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
+    options: StepOptions = StepOptions(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch of DAT and its statistics.
 
-    With ratio > 0, glancing (method.md §4): pass 1 picks the revealed tokens, pass 2 (same dropout
-    masks) is trained. For train.objective codat / reward, plus codat.weight times the sample term
-    on the un-glanced DAG, since the samples must come from the model as it decodes (method.md
-    §9.8): pass 2's output when nothing was glanced, else one more forward.
+    With ratio > 0, glancing (`glanced_forward`). For train.objective codat / reward, plus
+    codat.weight times the sample term on the un-glanced DAG, since the samples must come from
+    the model as it decodes (method.md §9.8): pass 2's output when nothing was glanced, else one
+    more forward. `options`: speed settings only.
     """
     stats: dict[str, float] = {}
     glance = None
     if ratio > 0:
-        glance = glance_inputs(model, batch, ratio=ratio, generator=generator, autocast=autocast)
+        out, glance = glanced_forward(
+            model, batch, ratio=ratio, generator=generator, autocast=autocast, options=options
+        )
         stats["glanced"] = float(glance.keep.sum()) / float(batch.tgt_lens.sum())
-    with autocast:
-        out = model(batch.src_ids, batch.src_lens, None if glance is None else glance.graph_ids)
-    loss, invalid = glanced_dp_loss(out, batch, glance)
+    else:
+        with autocast:
+            out = model(batch.src_ids, batch.src_lens)
+    loss, invalid = glanced_dp_loss(out, batch, glance, fused=options.fused_token_logp)
     stats["invalid"] = invalid
     objective = cfg.train.objective
     if objective == "dp":
@@ -130,6 +206,7 @@ def dat_step(
         codat=cfg.codat,
         alpha=cfg.codat.gate(),
         generator=generator,
+        fused=options.fused_token_logp,
     )
     stats.update(term_stats)
     return loss + cfg.codat.weight * term, stats
@@ -193,6 +270,7 @@ def codat_term(
     codat: CodatConfig,
     alpha: float,  # DP-loss gate (math.inf: every sentence)
     generator: torch.Generator | None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CoDAT's extra loss on one micro-batch (paper §3): sample K outputs from the DAG, reward them
     by sentence BLEU against the reference, select (the alpha gate, then codat's best `kept` or
@@ -200,11 +278,14 @@ def codat_term(
     scores: ranking constraints (CoDAT eq. (10)) or REINFORCE.
 
     The loss is scaled by the fraction of sentences that pass the gate (the others add 0, as in
-    the DP loss's mean); it is exactly 0 when none passes.
+    the DP loss's mean); it is exactly 0 when none passes. `fused` (a speed setting): the scores'
+    token log-probs by `gather_token_logp(fused=True)` (the float32 (B, L, V) log-probs that the
+    sampler reads then need no grad), else gathered from those log-probs.
     """
     if objective not in SAMPLE_OBJECTIVES:
         raise ValueError(f"train.objective='{objective}' has no sample term (codat or reward)")
-    token_logp_vocab = log_softmax_fp32(out.token_logits)  # (B, L, V), with grad
+    logits = out.token_logits.detach() if fused else out.token_logits
+    token_logp_vocab = log_softmax_fp32(logits)  # (B, L, V), with grad unless fused
     samples = codat_samples(token_logp_vocab, out, codat=codat, generator=generator)
     ref_ids, ref_lens = batch.tgt_ids[:, 1:], batch.tgt_lens - 2  # without <s> and </s>
     with torch.no_grad():
@@ -226,7 +307,30 @@ def codat_term(
         targets, target_lens = sample_targets(
             chosen.tokens, chosen.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
         )
-        scores = samples_log_q(
-            token_logp_vocab[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
-        )  # (b, k), with grad
+        scores = chosen_log_q(out, token_logp_vocab, rows, targets, target_lens, fused=fused)
     return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)
+
+
+def chosen_log_q(
+    out: DagOutput,  # the un-glanced DAG, with grad
+    token_logp_vocab: torch.Tensor,  # (B, L, V) its float32 log-probs (with grad unless fused)
+    rows: torch.Tensor,  # (b,) the sentences of the chosen samples
+    targets: torch.Tensor,  # (b, k, N') <s> y </s> of the chosen samples
+    target_lens: torch.Tensor,  # (b, k)
+    *,
+    fused: bool,
+) -> torch.Tensor:  # (b, k), with grad
+    """`samples_log_q` of the chosen samples. fused: their token log-probs gathered from the
+    logits of all B sentences (`gather_token_logp`, <pad> for the others), so that neither the
+    (B, L, V) log-probs nor a (b, L, V) copy of their rows carries grad."""
+    if not fused:
+        return samples_log_q(
+            token_logp_vocab[rows], out.trans_logp[rows], out.graph_lens[rows], targets, target_lens
+        )
+    B = out.token_logits.shape[0]
+    ids = targets.new_full((B, targets[0].numel()), PAD_ID)
+    ids[rows] = targets.flatten(1)
+    token_logp = gather_token_logp(out.token_logits, ids)[rows]  # (b, L, k * N')
+    return gathered_samples_log_q(
+        token_logp, out.trans_logp[rows], out.graph_lens[rows], target_lens
+    )

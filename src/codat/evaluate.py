@@ -1,12 +1,15 @@
-"""Evaluation: validation during training (`Validation`: loss, CoDAT's sample statistics, BLEU),
-`codat analyze` (NCM and Oracle BLEU: the sampling space, paper §4.2) and `codat tune-beta` (the
-rerank token weight of sample decoding, chosen on validation, paper Appendix D).
+"""Evaluation: validation during training (`Validation`: loss, CoDAT's sample statistics, BLEU
+and the selection score `data.valid_metric`), `codat analyze` (NCM and Oracle BLEU: the sampling
+space, paper §4.2) and `codat tune-beta` (the rerank token weight of sample decoding, chosen on
+validation, paper Appendix D). References are one per line (SPLIT.ref.txt) or several
+(SPLIT.refs.jsonl, when `codat prepare` found PREFIX.refs.jsonl beside the split).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import pathlib
 from collections.abc import Callable, Iterator
@@ -25,11 +28,13 @@ from codat.dat_train import codat_term, dat_sentence_loss
 from codat.data import PAD_ID, Batch, ParallelData, read_lines, token_batches
 from codat.decode import DagSamples, pick_best, rerank_scores
 from codat.generate import Translator, decoder_for, draw_samples, translate_ids
-from codat.metrics import corpus_bleu
+from codat.metrics import Refs, corpus_bleu, corpus_score, read_refs_jsonl
 from codat.nat import nat_sentence_loss
 from codat.objectives import gather_token_logp
 from codat.rewards import sentence_bleu
 from codat.transformer import at_sentence_loss
+
+log = logging.getLogger(__name__)
 
 # Each model.arch's per-sentence, length-normalised loss (B,), inf where a sentence has no
 # alignment: the validation loss, and what CoDAT's alpha gate is calibrated on.
@@ -43,19 +48,40 @@ SENTENCE_LOSSES: dict[str, Callable[[nn.Module, Batch], torch.Tensor]] = {
 }
 
 
-def load_split(data_dir: str | pathlib.Path, split: str) -> tuple[ParallelData, list[str]]:
-    """A prepared split and its raw references (`SPLIT.ref.txt`, written by codat prepare)."""
+def load_split(data_dir: str | pathlib.Path, split: str) -> tuple[ParallelData, Refs]:
+    """A prepared split and its raw references, written by codat prepare: several per sentence
+    from `SPLIT.refs.jsonl` when it exists, else one per sentence from `SPLIT.ref.txt`."""
     data = ParallelData.load(data_dir, split)
+    multi_path = pathlib.Path(data_dir) / f"{split}.refs.jsonl"
     refs_path = pathlib.Path(data_dir) / f"{split}.ref.txt"
-    if not refs_path.is_file():
+    if multi_path.is_file():
+        refs, refs_path = read_refs_jsonl(multi_path), multi_path
+    elif refs_path.is_file():
+        refs = read_lines(refs_path)
+    else:
         raise FileNotFoundError(f"{refs_path} not found (written by codat prepare)")
-    refs = read_lines(refs_path)
     if len(refs) != len(data):
         raise ValueError(f"{refs_path} has {len(refs)} lines but the split has {len(data)} pairs")
     return data, refs
 
 
-def first_sentences(data: ParallelData, refs: list[str], n: int) -> tuple[ParallelData, list[str]]:
+def truncate_sources(data: ParallelData, max_positions: int, *, split: str) -> ParallelData:
+    """`data` with every source cut to `max_positions` - 1 tokens (+ </s>: the model's
+    max_source_positions), logging how many were cut; targets untouched."""
+    long = int((data.src_lens > max_positions).sum())
+    if not long:
+        return data
+    log.warning(
+        "%s: %d of %d sources are longer than model.max_source_positions=%d: truncated",
+        split,
+        long,
+        len(data),
+        max_positions,
+    )
+    return ParallelData([s[: max_positions - 1] for s in data.src], data.tgt)
+
+
+def first_sentences(data: ParallelData, refs: Refs, n: int) -> tuple[ParallelData, Refs]:
     """The first `n` sentence pairs and references (all of them when n <= 0)."""
     if n <= 0:
         return data, refs
@@ -64,10 +90,11 @@ def first_sentences(data: ParallelData, refs: list[str], n: int) -> tuple[Parall
 
 @dataclass(frozen=True)
 class Validation:
-    """What validation needs: the split, its raw references and the tokenizer."""
+    """What validation needs: the split, its raw references (one or several per sentence) and
+    the tokenizer."""
 
     data: ParallelData
-    refs: list[str]
+    refs: Refs
     sp: spm.SentencePieceProcessor
     spm_path: pathlib.Path
     device: torch.device
@@ -78,11 +105,13 @@ class Validation:
         cls, cfg: RunConfig, device: torch.device, autocast: contextlib.AbstractContextManager
     ) -> Validation:
         """The validation split of `cfg.data` (its first `train.eval_max_sentences` if > 0).
-        An unknown `decode.decoder` fails here, before a run starts, not at its first validation."""
+        An unknown `decode.decoder` fails here, before a run starts, not at its first validation.
+        Sources longer than `model.max_source_positions` are truncated (and counted in the log)."""
         decoder_for(cfg.model.arch, cfg.decode.decoder)
         spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
         data, refs = load_split(cfg.data.dir, cfg.data.valid_split)
         data, refs = first_sentences(data, refs, cfg.train.eval_max_sentences)
+        data = truncate_sources(data, cfg.model.max_source_positions, split=cfg.data.valid_split)
         sp = spm.SentencePieceProcessor(model_file=str(spm_path))
         return cls(data, refs, sp, spm_path, device, autocast)
 
@@ -129,7 +158,10 @@ class Validation:
 
     def evaluate(self, core: nn.Module, cfg: RunConfig) -> dict:
         """Validation loss (no glancing), for DAT with `codat.eval_sentences` > 0 the sample
-        statistics, and the corpus BLEU of the configured decoder (plus its first hypothesis)."""
+        statistics, the corpus BLEU of the configured decoder ("valid_bleu", tokenizer
+        `data.tokenize`), its first hypothesis ("example"), and the checkpoint selection score
+        "valid_score" of `data.valid_metric` (= valid_bleu for bleu; for rouge also each ROUGE
+        type as "valid_score_rouge1", ...; for chrf "valid_score_chrf")."""
         result = {"valid_loss": self.dp_loss(core, cfg)}
         if cfg.model.arch == "dat" and cfg.codat.eval_sentences > 0:
             result.update(self.sample_stats(core, cfg))
@@ -139,8 +171,14 @@ class Validation:
             hyp_ids = translate_ids(core, self.data.src, cfg.decode, device=self.device)
         core.train(was_training)
         hyps = [self.sp.decode(h) for h in hyp_ids]
-        bleu = corpus_bleu(hyps, self.refs)
-        return {**result, "valid_bleu": bleu.score, "example": hyps[0]}
+        bleu = corpus_bleu(hyps, self.refs, tokenize=cfg.data.tokenize).score
+        result.update(valid_bleu=bleu, valid_score=bleu, example=hyps[0])
+        if cfg.data.valid_metric != "bleu":
+            score = corpus_score(cfg.data.valid_metric, hyps, self.refs)
+            result["valid_score"] = score.score
+            parts = score.parts or {score.metric: score.score}
+            result.update({f"valid_score_{k}": v for k, v in parts.items()})
+        return result
 
 
 @torch.no_grad()
@@ -172,11 +210,21 @@ def _check_dat(translator: Translator) -> None:
         raise ValueError(f"the model is a model.arch={arch} model: this command samples DAGs (dat)")
 
 
-def analyze(translator: Translator, data: ParallelData, refs: list[str], dc: DecodeConfig) -> dict:
+def analyze(
+    translator: Translator,
+    data: ParallelData,
+    refs: Refs,
+    dc: DecodeConfig,
+    *,
+    metric: str = "bleu",
+    tokenize: str = "13a",
+) -> dict:
     """NCM = E[-log p(y|x)] / E[|y|] over the split (|y| counts <s> and </s>, as the DP loss
-    does), Oracle BLEU (corpus BLEU of the best-of-K sample per sentence by sentence BLEU), the
-    corpus BLEU of the reranked sample (`dc.rerank_token_weight`), mean sentence BLEU of all
-    samples, and the mean number of distinct samples per sentence."""
+    does), Oracle BLEU (corpus BLEU of the best-of-K sample per sentence by sentence BLEU against
+    the split's target), the corpus BLEU of the reranked sample (`dc.rerank_token_weight`), mean
+    sentence BLEU of all samples, and the mean number of distinct samples per sentence. With
+    `metric` chrf or rouge, also "oracle_score" and "rerank_score": that metric of the same
+    two hypothesis sets (against every reference of `refs`)."""
     _check_dat(translator)
     n = len(data)
     oracle: list[list[int]] = [[] for _ in range(n)]
@@ -196,12 +244,21 @@ def analyze(translator: Translator, data: ParallelData, refs: list[str], dc: Dec
         for row, i in enumerate(b.indices.tolist()):
             oracle[i], reranked[i] = _ids(best_oracle[row]), _ids(best_rerank[row])
     sp = translator.sp
+    oracle_text, rerank_text = [sp.decode(h) for h in oracle], [sp.decode(h) for h in reranked]
+    scores = {}
+    if metric != "bleu":
+        scores = {
+            "metric": metric,
+            "oracle_score": corpus_score(metric, oracle_text, refs).score,
+            "rerank_score": corpus_score(metric, rerank_text, refs).score,
+        }
     return {
         "sentences": n,
         "ncm": nll / max(length, 1),
         "no_path": no_path,
-        "oracle_bleu": corpus_bleu([sp.decode(h) for h in oracle], refs).score,
-        "rerank_bleu": corpus_bleu([sp.decode(h) for h in reranked], refs).score,
+        "oracle_bleu": corpus_bleu(oracle_text, refs, tokenize=tokenize).score,
+        "rerank_bleu": corpus_bleu(rerank_text, refs, tokenize=tokenize).score,
+        **scores,
         "mean_sample_sentence_bleu": mean_bleu / max(n, 1),
         "distinct_per_sentence": distinct / max(n, 1),
         "samples": dc.samples,
@@ -215,13 +272,17 @@ def analyze(translator: Translator, data: ParallelData, refs: list[str], dc: Dec
 def tune_beta(
     translator: Translator,
     data: ParallelData,
-    refs: list[str],
+    refs: Refs,
     dc: DecodeConfig,
     weights: list[float],
+    *,
+    metric: str = "bleu",
+    tokenize: str = "13a",
 ) -> dict:
-    """Corpus BLEU of sample decoding for each rerank token weight; the samples are drawn once
-    and reranked for every weight, so the weights are compared on identical hypotheses. The best
-    is `best_beta` (ties go to the weight nearest 0.5)."""
+    """Corpus BLEU ("bleu") and `metric` ("scores") of sample decoding for each rerank token
+    weight; the samples are drawn once and reranked for every weight, so the weights are
+    compared on identical hypotheses. The best by `metric` is `best_beta` (ties go to the weight
+    nearest 0.5)."""
     _check_dat(translator)
     if not weights:
         raise ValueError("tune-beta: no rerank token weights to compare")
@@ -232,10 +293,18 @@ def tune_beta(
             best = pick_best(samples, rerank_scores(samples, beta=w), pad_id=PAD_ID).cpu()
             for row, i in enumerate(b.indices.tolist()):
                 chosen[w][i] = _ids(best[row])
-    sp = translator.sp
-    bleu = {w: corpus_bleu([sp.decode(h) for h in chosen[w]], refs).score for w in weights}
-    best = max(weights, key=lambda x: (bleu[x], -abs(x - 0.5)))
-    return {"bleu": {str(k): v for k, v in bleu.items()}, "best_beta": best}
+    texts = {w: [translator.sp.decode(h) for h in chosen[w]] for w in weights}
+    bleu = {w: corpus_bleu(texts[w], refs, tokenize=tokenize).score for w in weights}
+    score = bleu
+    if metric != "bleu":
+        score = {w: corpus_score(metric, texts[w], refs).score for w in weights}
+    best = max(weights, key=lambda x: (score[x], -abs(x - 0.5)))
+    return {
+        "bleu": {str(k): v for k, v in bleu.items()},
+        "metric": metric,
+        "scores": {str(k): v for k, v in score.items()},
+        "best_beta": best,
+    }
 
 
 def write_json(result: dict, path: str | pathlib.Path) -> None:

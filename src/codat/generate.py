@@ -1,6 +1,9 @@
 """Decoding: the `DECODERS[arch][name]` choice point, batched decoding of id sequences, and the
 Python API (`codat.load(run_dir).generate([...])`); `codat generate` and `codat distill` call it.
 
+`codat generate` batches a file by --max-tokens (`translate_file`) and streams one line at a time
+from a terminal or with --interactive (`translate_stream`).
+
 Every decoder has one signature, `decoder(model, src_ids (B, S), src_lens (B,), dc, generator)
 -> (B, T)` ids without specials, PAD_ID padded, computed without grad in the model's current mode.
 The DAT decoders are here; each baseline's decoders live in its model file.
@@ -10,8 +13,11 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import sys
 from collections.abc import Callable
-from dataclasses import replace
+from contextlib import nullcontext
+from dataclasses import fields, replace
+from typing import BinaryIO, TextIO
 
 import sentencepiece as spm
 import torch
@@ -248,7 +254,8 @@ def translate_ids(
     sources, lens, batches = batch_sources(sources, model, dc.max_tokens)
     generator = torch.Generator(device=device).manual_seed(dc.seed)
     results: list[list[int]] = [[] for _ in sources]
-    for idx in tqdm(batches, desc="decode", unit="batch", disable=not progress, leave=False):
+    bar = {} if progress else {"disable": True}  # shown: TQDM_* settings (TQDM_DISABLE=1) apply
+    for idx in tqdm(batches, desc="decode", unit="batch", leave=False, **bar):
         src = source_tensor(sources, lens, idx)
         ids = decoder(model, src.to(device), lens[idx].to(device), dc, generator).cpu()
         for row, i in enumerate(idx):
@@ -278,6 +285,22 @@ class Translator:
         sp = spm.SentencePieceProcessor(model_file=str(path / "spm.model"))
         return cls(model, sp, cfg.decode, device)
 
+    def check(self, decode: DecodeConfig) -> None:
+        """Refuse decoding settings out of range (`check_decode`) and, like the command line,
+        options changed from the run's settings that the chosen decoder does not read
+        (`check_options`).
+
+        Raises:
+            ValueError: naming the field (and, for an option, the decoder and what it uses).
+        """
+        check_decode(decode)
+        changed = [
+            f.name
+            for f in fields(DecodeConfig)
+            if f.name != "decoder" and getattr(decode, f.name) != getattr(self.decode_cfg, f.name)
+        ]
+        check_options(self.model.cfg.arch, decode.decoder, changed)
+
     def settings(self, decoder: str = "") -> DecodeConfig:
         """The run's decoding settings, with another decoder when `decoder` is given."""
         return replace(self.decode_cfg, decoder=decoder or self.decode_cfg.decoder)
@@ -292,20 +315,27 @@ class Translator:
     ) -> list[str]:
         """Translate sentences with `decode` (default: the run's settings, `self.decode_cfg`);
         e.g. `t.generate(s, replace(t.decode_cfg, decoder="sample", rerank_token_weight=0.3))`.
-        Sources longer than the model's positions are truncated with a warning saying how
-        many, or refused when `truncate` is False.
+        Returns one string per sentence; an empty (or blank) sentence gives "". Sources longer
+        than the model's positions are truncated with a warning saying how many, or refused
+        when `truncate` is False.
 
         Raises:
-            ValueError: a decoding setting out of range (`check_decode`), or too-long inputs
-                with `truncate` False (naming the first lines, 1-based).
+            TypeError: `sentences` is a single string (pass `[text]`).
+            ValueError: a decoding setting out of range or that the decoder does not read
+                (`check`), or too-long inputs with `truncate` False (naming the first lines,
+                1-based).
         """
+        if isinstance(sentences, str):
+            raise TypeError(
+                "Translator.generate takes a list of sentences, got a single string: "
+                "use generate([text])"
+            )
         dc = self.decode_cfg if decode is None else decode
-        check_decode(dc)
-        ids = [
-            torch.tensor(x, dtype=torch.long)
-            for x in self.sp.encode([s.strip() for s in sentences])
-        ]
-        long = too_long(ids, self.model)
+        self.check(dc)
+        texts = [s.strip() for s in sentences]
+        full = [i for i, s in enumerate(texts) if s]  # blank lines are not decoded
+        ids = [torch.tensor(x, dtype=torch.long) for x in self.sp.encode([texts[i] for i in full])]
+        long = [full[i] for i in too_long(ids, self.model)]
         limit = self.model.cfg.max_source_positions
         if long and not truncate:
             lines = ", ".join(str(i + 1) for i in long[:5])
@@ -318,11 +348,14 @@ class Translator:
             log.warning(
                 "truncated %d of %d inputs to the model's max_source_positions=%d",
                 len(long),
-                len(ids),
+                len(texts),
                 limit,
             )
         out = translate_ids(self.model, ids, dc, device=self.device, progress=progress)
-        return [self.sp.decode(x) for x in out]
+        hyps = [""] * len(texts)
+        for i, x in zip(full, out, strict=True):
+            hyps[i] = self.sp.decode(x)
+        return hyps
 
 
 def translate_file(
@@ -344,6 +377,58 @@ def translate_file(
     else:
         write_lines_atomic(out, hyps)
     return len(hyps)
+
+
+def translate_stream(
+    translator: Translator,
+    src: BinaryIO,
+    out: TextIO,
+    decode: DecodeConfig | None = None,
+    *,
+    truncate: bool = True,
+    name: str = "<stdin>",
+) -> int:
+    """Translate `src` line by line ("\\n" ends a line, as in `data.split_lines`), writing and
+    flushing each output line as soon as it is decoded (a terminal, `codat generate
+    --interactive`); returns the number of lines. Checks `decode` before reading anything.
+
+    Raises:
+        ValueError: a bad decoding setting, or a line that is not UTF-8 (naming `name` and the
+            line).
+    """
+    dc = translator.decode_cfg if decode is None else decode
+    translator.check(dc)
+    n = 0
+    while raw := src.readline():
+        n += 1
+        try:
+            line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+        (hyp,) = translator.generate([line], dc, truncate=truncate)
+        out.write(hyp.replace("\n", " ") + "\n")
+        out.flush()
+    return n
+
+
+def stream_file(
+    translator: Translator,
+    src: str | pathlib.Path,
+    out: str | pathlib.Path,
+    decode: DecodeConfig | None = None,
+    *,
+    truncate: bool = True,
+) -> int:
+    """`translate_stream` from a file or stdin ("-") to a file or stdout ("-"); a file output
+    is written line by line as the translations come (not atomically)."""
+    check_output_file(out, "--output")
+    if str(src) != "-" and not pathlib.Path(src).is_file():
+        raise FileNotFoundError(f"file not found: {src}")
+    fin = nullcontext(sys.stdin.buffer) if str(src) == "-" else open(src, "rb")
+    fout = nullcontext(sys.stdout) if str(out) == "-" else open(out, "w", encoding="utf-8")
+    with fin as f, fout as g:
+        name = "<stdin>" if str(src) == "-" else str(src)
+        return translate_stream(translator, f, g, decode, truncate=truncate, name=name)
 
 
 def distill(

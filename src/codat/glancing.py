@@ -31,6 +31,23 @@ def replay_rng(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
+def argmax_hits(
+    token_logits: torch.Tensor,  # (B, L, V)
+    ids: torch.Tensor,  # (B, L) one token per vertex
+) -> torch.Tensor:  # (B, L) bool
+    """token_logits.argmax(-1) == ids, without the argmax over V of every row (slow in bfloat16
+    on CPU): a row can only hit where the logit of its id equals the row maximum, and only those
+    rows take the argmax (the first maximal index, as argmax's)."""
+    B, L, V = token_logits.shape
+    flat = token_logits.reshape(B * L, V)
+    ids = ids.reshape(B * L)
+    top = flat.amax(dim=-1)
+    rows = (flat.gather(-1, ids.unsqueeze(-1)).squeeze(-1) == top).nonzero().squeeze(1)
+    hits = torch.zeros(B * L, dtype=torch.bool, device=flat.device)
+    hits[rows] = flat[rows].float().argmax(dim=-1) == ids[rows]
+    return hits.view(B, L)
+
+
 def choose_glanced(
     path: torch.Tensor,  # (B, L) target index aligned to each vertex, or -1
     pred_ids: torch.Tensor,  # (B, L) argmax token of each vertex (pass 1)
@@ -45,9 +62,30 @@ def choose_glanced(
     The K vertices are drawn uniformly among the aligned ones (<s>/</s> included). Returns the
     reveal mask and the aligned gold token of every vertex.
     """
+    oracle = aligned_tokens(path, tgt_ids)
+    keep = reveal(path, pred_ids == oracle, target_lens, ratio=ratio, generator=generator)
+    return keep, oracle
+
+
+def aligned_tokens(
+    path: torch.Tensor,  # (B, L) target index aligned to each vertex, or -1
+    tgt_ids: torch.Tensor,  # (B, N)
+) -> torch.Tensor:  # (B, L) long
+    """The gold token aligned to each vertex (that of target 0 where none is)."""
+    return tgt_ids.gather(1, path.clamp(min=0))
+
+
+def reveal(
+    path: torch.Tensor,  # (B, L) target index aligned to each vertex, or -1
+    correct: torch.Tensor,  # (B, L) bool: the vertex predicts its aligned gold token
+    target_lens: torch.Tensor,  # (B,)
+    *,
+    ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B, L) bool
+    """`choose_glanced`'s draw, given which vertices predict their aligned gold token."""
     aligned = path >= 0
-    oracle = tgt_ids.gather(1, path.clamp(min=0))  # (B, L)
-    same = (aligned & (pred_ids == oracle)).sum(dim=1)
+    same = (aligned & correct).sum(dim=1)
     count = torch.floor((target_lens - same).double() * ratio + 0.5).long()  # (B,)
     noise = torch.rand(path.shape, generator=generator, device=path.device)
     noise = noise.masked_fill(~aligned, NEG_INF)
@@ -55,8 +93,7 @@ def choose_glanced(
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(path.shape[1], device=path.device).expand_as(order)
     )
-    keep = aligned & (rank < count.unsqueeze(1))
-    return keep, oracle
+    return aligned & (rank < count.unsqueeze(1))
 
 
 def force_alignment(

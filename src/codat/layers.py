@@ -5,10 +5,18 @@ Layers take plain scalars, not config objects. Masks are bool with True = take p
 autoregressive baseline (`codat.transformer`) reuses the same decoder layer with `causal=True` for
 training and `DecoderLayer.step` with a `LayerCache` for incremental decoding; the
 non-autoregressive models never pass either, so their path is unchanged.
+
+Two speed settings, each exact up to rounding: `MultiHeadAttention.fp32_on_cpu` (attention in
+float32 on CPU under bf16 autocast: the CPU's bfloat16 SDPA backward is several times slower) and
+`DropoutTape` (record the dropout masks of one forward, replay them in the next: glancing's
+two passes draw the same masks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -32,17 +40,56 @@ class LayerCache(NamedTuple):
     memory_values: torch.Tensor  # (B, H, S, D/H)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def attention(
+    q: torch.Tensor,  # (B, H, T, D/H)
+    k: torch.Tensor,  # (B, H, S, D/H)
+    v: torch.Tensor,  # (B, H, S, D/H)
+    attn_mask: torch.Tensor | None,  # bool, broadcast to (B, H, T, S)
+    *,
+    fp32_on_cpu: bool,
+) -> torch.Tensor:  # (B, H, T, D/H)
+    """Scaled dot-product attention. With fp32_on_cpu, on CPU under autocast or with half inputs,
+    in float32 (outside autocast; a float32 result): there the bfloat16 SDPA kernels, the
+    backward above all, are slower than the float32 ones (profiled: 3x at the small DAT config)."""
+    if fp32_on_cpu and q.device.type == "cpu":
+        if q.dtype in HALF or torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask
+                )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 class MultiHeadAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, *, self_attention: bool) -> None:
+    """Multi-head attention. `fp32_on_cpu` (a speed setting, see `attention`; switch it on a built
+    model with `set_attention_fp32_on_cpu`): half-precision projections are cast to float32 once,
+    contiguous, before the heads are split, and the heads' output back before `out`."""
+
+    def __init__(
+        self, dim: int, heads: int, *, self_attention: bool, fp32_on_cpu: bool = True
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.self_attention = self_attention
+        self.fp32_on_cpu = fp32_on_cpu
         if self_attention:
             self.qkv = nn.Linear(dim, 3 * dim)
         else:
             self.q = nn.Linear(dim, dim)
             self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+
+    def _heads_input(self, y: torch.Tensor) -> torch.Tensor:  # a projection (B, T, n * D)
+        if self.fp32_on_cpu and y.device.type == "cpu" and y.dtype in HALF:
+            return y.float()
+        return y
+
+    def _output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (B, H, T, D/H)
+        B, _, T, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, -1).to(dtype))
 
     def forward(
         self,
@@ -55,9 +102,13 @@ class MultiHeadAttention(nn.Module):
         B, T, D = x.shape
         H = self.heads
         if self.self_attention:
-            q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x)
+            dtype = qkv.dtype
+            q, k, v = self._heads_input(qkv).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
         else:
-            q = self.q(x).view(B, T, H, D // H).transpose(1, 2)
+            q = self.q(x)
+            dtype = q.dtype
+            q = self._heads_input(q).view(B, T, H, D // H).transpose(1, 2)
             k, v = self.memory_keys_values(memory)
         attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
         if causal:
@@ -66,8 +117,8 @@ class MultiHeadAttention(nn.Module):
             # An explicit (T, T) lower triangle, not SDPA's is_causal, which cannot be combined
             # with a key mask.
             attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        y = attention(q, k, v, attn_mask, fp32_on_cpu=self.fp32_on_cpu)
+        return self._output(y, dtype)
 
     def memory_keys_values(
         self,
@@ -76,7 +127,8 @@ class MultiHeadAttention(nn.Module):
         """Cross-attention keys and values of the source states."""
         B, S, D = memory.shape
         H = self.heads
-        k, v = self.kv(memory).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        kv = self._heads_input(self.kv(memory))
+        k, v = kv.view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
         return k, v
 
     def step(
@@ -96,13 +148,91 @@ class MultiHeadAttention(nn.Module):
         H = self.heads
         assert T == 1, "step() takes one position at a time"
         if self.self_attention:
-            q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x)
+            dtype = qkv.dtype
+            q, k, v = self._heads_input(qkv).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
             keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
         else:
-            q = self.q(x).view(B, T, H, D // H).transpose(1, 2)
+            q = self.q(x)
+            dtype = q.dtype
+            q = self._heads_input(q).view(B, T, H, D // H).transpose(1, 2)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, D)), keys, values
+        y = attention(q, keys, values, attn_mask, fp32_on_cpu=self.fp32_on_cpu)
+        return self._output(y, dtype), keys, values
+
+
+def set_attention_fp32_on_cpu(model: nn.Module, enabled: bool) -> None:
+    """Switch `MultiHeadAttention.fp32_on_cpu` in every attention module of `model`."""
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.fp32_on_cpu = enabled
+
+
+class DropoutTape:
+    """The dropout masks of one forward pass, replayed in the same order by the next.
+
+    Inside `record()`, every `Dropout` in training mode draws its mask exactly as `F.dropout` does
+    on CPU (`bernoulli_(1 - p)` then `/ (1 - p)`, same random numbers) and keeps it; inside
+    `replay()` the same modules, called in the same order on tensors of the same shapes, reuse
+    them instead of drawing again. Glancing's pass 2 so sees pass 1's masks without regenerating
+    them (`glancing.replay_rng` is the other way: restore the RNG and draw again).
+    """
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+        self.position: int | None = None  # None: recording; else the next mask to replay
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[DropoutTape]:
+        self.masks, self.position = [], None
+        token = _TAPE.set(self)
+        try:
+            yield self
+        finally:
+            _TAPE.reset(token)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[DropoutTape]:
+        self.position = 0
+        token = _TAPE.set(self)
+        try:
+            yield self
+        finally:
+            _TAPE.reset(token)
+        if self.position != len(self.masks):
+            raise RuntimeError(f"replayed {self.position} of {len(self.masks)} dropout masks")
+
+    def apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if self.position is None:
+            mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+            self.masks.append(mask)
+        else:
+            if self.position >= len(self.masks):
+                raise RuntimeError(f"replay asks for more than {len(self.masks)} dropout masks")
+            mask = self.masks[self.position]
+            self.position += 1
+            if mask.shape != x.shape or mask.dtype != x.dtype:
+                raise RuntimeError(
+                    f"replayed dropout mask {tuple(mask.shape)} {mask.dtype} does not match "
+                    f"{tuple(x.shape)} {x.dtype}"
+                )
+        return x * mask
+
+
+_TAPE: contextvars.ContextVar[DropoutTape | None] = contextvars.ContextVar(
+    "dropout_tape", default=None
+)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that records / replays its masks inside a `DropoutTape` context (else, and in
+    eval mode, exactly nn.Dropout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tape = _TAPE.get()
+        if tape is None or not self.training or self.p == 0 or self.inplace:
+            return super().forward(x)
+        return tape.apply(x, self.p)
 
 
 class FeedForward(nn.Module):
@@ -123,7 +253,7 @@ class EncoderLayer(nn.Module):
         self.attn = MultiHeadAttention(dim, heads, self_attention=True)
         self.ffn = FeedForward(dim, ffn_dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, S, D)
         x = self.norm1(x + self.drop(self.attn(x, None, mask)))
@@ -140,7 +270,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(dim, heads, self_attention=False)
         self.ffn = FeedForward(dim, ffn_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(
         self,
@@ -194,7 +324,7 @@ class Encoder(nn.Module):
         self.embed = embed
         self.scale = dim**0.5
         self.positions = nn.Embedding(max_positions, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.layers = nn.ModuleList(
             EncoderLayer(dim, heads, ffn_dim, dropout) for _ in range(layers)
         )

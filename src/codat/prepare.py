@@ -1,7 +1,15 @@
 """`codat prepare`: raw parallel text -> joint sentencepiece BPE model -> id tensors on disk.
 
-Reads PREFIX.LANG or PREFIX.LANG.gz (UTF-8, one sentence per line) for each split. Every input is
-read and checked before anything is written; the output directory appears only when complete.
+Reads PREFIX.LANG or PREFIX.LANG.gz (UTF-8, one sentence per line) for each split, and for an
+evaluation split PREFIX.refs.jsonl when it exists (several references per line, e.g. SciTLDR's:
+copied as NAME.refs.jsonl and scored against instead of NAME.ref.txt). Every input is read and
+checked before anything is written; the output directory appears only when complete.
+
+Long sources (more than max_positions - 1 pieces) are truncated in every split, so that nothing
+downstream meets a source longer than the model's max_source_positions (`long_sources="drop"`
+drops such training pairs instead). The length-ratio filter (`max_ratio`) is a per-task choice:
+2 for translation, 0 (off) for summarisation; dropping more than `DROP_WARN` of the training
+pairs is warned about loudly.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ from codat.artifacts import check_output_dir, replace_dir, temp_dir, write_marke
 from codat.dat import graph_lengths
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ParallelData
 from codat.data import read_lines as data_read_lines
+from codat.metrics import read_refs_jsonl
 
 log = logging.getLogger(__name__)
+
+LONG_SOURCES = ("truncate", "drop")
+DROP_WARN = 0.05  # warn when more than this fraction of the non-empty training pairs is dropped
 
 
 class PrepareError(ValueError):
@@ -145,6 +157,35 @@ def _encode(
     )
 
 
+def _truncate_sources(data: ParallelData, max_positions: int) -> tuple[ParallelData, int]:
+    """`data` with each source longer than `max_positions` (counting </s>) cut to its first
+    max_positions - 1 pieces, and how many were cut (0 = no limit)."""
+    if max_positions <= 0:
+        return data, 0
+    long = int((data.src_lens > max_positions).sum())
+    if long:
+        data = ParallelData([s[: max_positions - 1] for s in data.src], data.tgt)
+    return data, long
+
+
+def _read_multi_refs(prefix: str, lines: int) -> list[str] | None:
+    """PREFIX.refs.jsonl as normalised JSON lines, or None when there is none.
+
+    Raises:
+        PrepareError: a bad line, or a line count other than the split's `lines`.
+    """
+    path = pathlib.Path(f"{prefix}.refs.jsonl")
+    if not path.is_file():
+        return None
+    try:
+        refs = read_refs_jsonl(path)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
+    if len(refs) != lines:
+        raise PrepareError(f"{path} has {len(refs)} lines but the split has {lines}")
+    return [json.dumps([" ".join(r.split()) for r in item], ensure_ascii=False) for item in refs]
+
+
 def _drop_untrainable(
     data: ParallelData,
     src_lines: list[str],
@@ -194,18 +235,33 @@ def _write_split(
     upsample_scale: float,
     max_ratio: float,
     max_positions: int,
+    long_sources: str = "truncate",
+    multi_refs: list[str] | None = None,
 ) -> dict:
     """Encode one split and write it into `tmp`: NAME.safetensors, and for an evaluation split
-    also NAME.src.txt and NAME.ref.txt (its normalised text). The train split is filtered with
-    `_drop_untrainable` and the counts logged; an evaluation split keeps every line (its
-    references must stay aligned) and counts its lines longer than `max_positions`.
+    also NAME.src.txt and NAME.ref.txt (its normalised text) and NAME.refs.jsonl (`multi_refs`).
+    Sources longer than `max_positions` are truncated (train with `long_sources` "drop": dropped
+    by `_drop_untrainable`). The train split is filtered with `_drop_untrainable` and the counts
+    logged; an evaluation split keeps every line (its references must stay aligned) and counts
+    its targets longer than `max_positions`.
 
     Returns:
-        The split's meta data: "lines", for train "dropped_empty", "dropped_too_long" and
-        "dropped_untrainable", for an evaluation split "too_long", and "kept".
+        The split's meta data: "lines", "truncated_sources", for train "dropped_empty",
+        "dropped_too_long" and "dropped_untrainable", for an evaluation split "too_long" (its
+        targets), and "kept".
     """
     data = _encode(sp, src_lines, tgt_lines)
-    info = {"lines": len(data)}
+    info = {"lines": len(data), "truncated_sources": 0}
+    if name != "train" or long_sources == "truncate":
+        data, info["truncated_sources"] = _truncate_sources(data, max_positions)
+    if info["truncated_sources"]:
+        log.warning(
+            "%s: truncated %d of %d sources to %d positions (--max-positions)",
+            name,
+            info["truncated_sources"],
+            len(data),
+            max_positions,
+        )
     if name == "train":
         data, counts = _drop_untrainable(
             data,
@@ -232,14 +288,17 @@ def _write_split(
         info["too_long"] = int(_too_long(data, max_positions).sum())
         if info["too_long"]:
             log.warning(
-                "%s: %d lines are longer than %d positions (kept: evaluation splits keep every "
-                "line; decoding truncates their sources)",
+                "%s: %d targets are longer than %d positions (kept: evaluation splits keep "
+                "every line)",
                 name,
                 info["too_long"],
                 max_positions,
             )
         (tmp / f"{name}.ref.txt").write_text("".join(t + "\n" for t in tgt_lines), "utf-8")
         (tmp / f"{name}.src.txt").write_text("".join(s + "\n" for s in src_lines), "utf-8")
+        if multi_refs is not None:
+            (tmp / f"{name}.refs.jsonl").write_text("".join(r + "\n" for r in multi_refs), "utf-8")
+            info["refs_jsonl"] = True
     info["kept"] = len(data)
     data.save(tmp / f"{name}.safetensors")
     return info
@@ -257,16 +316,28 @@ def prepare(
     upsample_scale: float,
     max_ratio: float,
     max_positions: int = 256,
+    long_sources: str = "truncate",
     force: bool = False,
 ) -> dict:
     """Build the prepared directory; returns its meta data (also written as meta.json).
-    `force` replaces only a directory an earlier `codat prepare` wrote (its marker file)."""
+    `force` replaces only a directory an earlier `codat prepare` wrote (its marker file).
+    `long_sources`: "truncate" (every split) or "drop" (training pairs; evaluation splits are
+    always truncated) sources longer than `max_positions`."""
     out_dir = pathlib.Path(out)
     splits = _split_prefixes(train, valid, tests)
     _check_output_dir(out_dir, force, list(splits.values()), src, tgt)
     if max_positions < 0:
         raise PrepareError(f"--max-positions {max_positions} must be >= 0 (0 = no limit)")
+    if max_positions == 1:
+        raise PrepareError("--max-positions 1 leaves no room for a token besides </s>")
+    if long_sources not in LONG_SOURCES:
+        raise PrepareError(f"--long-sources '{long_sources}': choose truncate or drop")
     texts = {name: read_pair(prefix, src, tgt) for name, prefix in splits.items()}
+    multi = {
+        name: _read_multi_refs(prefix, len(texts[name][0]))
+        for name, prefix in splits.items()
+        if name != "train"
+    }
     train_src, train_tgt, _ = texts["train"]
     nonempty = _nonempty_pairs(train_src, train_tgt, train=train, src=src)
 
@@ -284,8 +355,11 @@ def prepare(
                 upsample_scale=upsample_scale,
                 max_ratio=max_ratio,
                 max_positions=max_positions,
+                long_sources=long_sources,
+                multi_refs=multi.get(name),
             )
-        meta["max_positions"] = max_positions
+        meta.update(max_positions=max_positions, max_ratio=max_ratio, long_sources=long_sources)
+        _warn_if_many_dropped(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         write_marker(tmp, "data")
         if out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -297,12 +371,47 @@ def prepare(
     return meta
 
 
-def summary(meta: dict, out: str | pathlib.Path) -> str:
-    """One line: the vocabulary and the pairs kept and dropped of each split in `meta`."""
+def dropped_warning(meta: dict) -> str | None:
+    """The warning when the length filters dropped more than `DROP_WARN` of the non-empty
+    training pairs, naming the flags to change; None otherwise."""
     tr = meta["splits"]["train"]
+    nonempty = tr["lines"] - tr["dropped_empty"]
+    dropped = tr.get("dropped_too_long", 0) + tr["dropped_untrainable"]
+    if nonempty <= 0 or dropped <= DROP_WARN * nonempty:
+        return None
+    hint = "raise --max-positions (and the model's max positions) or --upsample-scale"
+    if meta.get("max_ratio", 0) > 0 and tr["dropped_untrainable"]:
+        hint = "for summarisation (long source, short target) use --max-ratio 0"
     return (
+        f"WARNING: the length filters dropped {dropped} of {nonempty} non-empty training pairs "
+        f"({100 * dropped / nonempty:.1f}%): {tr.get('dropped_too_long', 0)} too long for "
+        f"--max-positions {meta.get('max_positions')}, {tr['dropped_untrainable']} with length "
+        f"ratio > --max-ratio {meta.get('max_ratio')} or a target longer than the graph "
+        f"(--upsample-scale); {hint}"
+    )
+
+
+def _warn_if_many_dropped(meta: dict) -> None:
+    warning = dropped_warning(meta)
+    if warning:
+        log.warning("%s", warning)
+
+
+def _eval_summary(name: str, info: dict) -> str:
+    cut = info.get("truncated_sources", 0)
+    return f"{name} {info['kept']}" + (f" ({cut} sources truncated)" if cut else "")
+
+
+def summary(meta: dict, out: str | pathlib.Path) -> str:
+    """The vocabulary and the pairs kept, dropped and truncated of each split in `meta`, and
+    `dropped_warning` on a second line when it applies."""
+    tr = meta["splits"]["train"]
+    line = (
         f"prepared {out}: vocab {meta['vocab_size']}; train kept {tr['kept']}/{tr['lines']} "
         f"(dropped {tr['dropped_empty']} empty, {tr.get('dropped_too_long', 0)} too long, "
-        f"{tr['dropped_untrainable']} untrainable); "
-        + ", ".join(f"{k} {v['kept']}" for k, v in meta["splits"].items() if k != "train")
+        f"{tr['dropped_untrainable']} untrainable; "
+        f"{tr.get('truncated_sources', 0)} sources truncated); "
+        + ", ".join(_eval_summary(k, v) for k, v in meta["splits"].items() if k != "train")
     )
+    warning = dropped_warning(meta)
+    return line + ("\n" + warning if warning else "")

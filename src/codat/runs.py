@@ -4,13 +4,17 @@ A run directory holds config.yaml, metrics.jsonl, checkpoints/, best/ and last/ 
 --resume continues from) and the marker file of a codat run. `open_run` repairs what a crash left
 (an interrupted checkpoint swap, stranded temporary directories) and decides whether the run
 starts or resumes; `check_resume_config` refuses a changed config; `StopSignals` turns SIGINT and
-SIGTERM into a clean stop. Nothing here imports torch: the CLI imports the exceptions at start.
+SIGTERM into a clean stop; `expected_stop` and `bar_options` make the progress bar's total and
+ETA those of the real bound and let TQDM_* settings apply. Nothing here imports torch: the CLI
+imports the exceptions at start.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import pathlib
 import signal
 import threading
@@ -87,6 +91,26 @@ def open_run(run_dir: pathlib.Path, *, resume: bool | str, is_main: bool) -> boo
             log.warning("%s has no checkpoint: starting the run again", run_dir)
             (run_dir / "metrics.jsonl").unlink()
     return bool(resume)
+
+
+def bar_options(is_main: bool) -> dict:
+    """tqdm options of the training bar: TQDM_* environment variables (TQDM_DISABLE=1,
+    TQDM_MININTERVAL=10, ...) win over these defaults, as tqdm applies them only to options
+    not passed; ranks other than 0 show no bar."""
+    defaults = {"unit": "step", "dynamic_ncols": True}
+    options = {k: v for k, v in defaults.items() if f"TQDM_{k.upper()}" not in os.environ}
+    return options if is_main else {**options, "disable": True}
+
+
+def expected_stop(step: int, *, max_steps: int, max_s: float, elapsed_s: float, pace: float) -> int:
+    """The step training will stop at: max_steps, or, with a time budget (`max_s` > 0
+    seconds, `elapsed_s` spent), the step reached when the budget ends at `pace` steps per
+    second (validation included), if that comes first. The loop stops after the first step
+    past the budget, hence the + 1."""
+    if max_s <= 0 or pace <= 0:
+        return max_steps
+    by_time = step + math.ceil(max(max_s - elapsed_s, 0.0) * pace) + 1
+    return min(max_steps, by_time)
 
 
 def mark_run(run_dir: pathlib.Path) -> None:

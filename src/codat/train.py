@@ -15,6 +15,7 @@ import logging
 import math
 import pathlib
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -47,8 +48,10 @@ from codat.runs import (
     Interrupted,
     StopSignals,
     TrainingStopped,
+    bar_options,
     check_resume_config,
     checkpoint_step,
+    expected_stop,
     mark_run,
     open_run,
 )
@@ -252,17 +255,12 @@ class Loop:
             open(pathlib.Path(cfg.run_dir) / "metrics.jsonl", "a") if dist.is_main else None
         )
         self.window_tokens, self.window_start = 0, time.time()
+        self.session = (time.time(), state["step"])  # this process's start, for the bar's pace
 
     def run(self, data: ParallelData, indices: list[int], signals: StopSignals) -> None:
         tc, state = self.cfg.train, self.state
         sizes = torch.maximum(data.src_lens, data.tgt_lens)
-        self.bar = tqdm(
-            total=tc.max_steps,
-            initial=state["step"],
-            disable=not self.dist.is_main,
-            unit="step",
-            dynamic_ncols=True,
-        )
+        self.bar = tqdm(total=tc.max_steps, initial=state["step"], **bar_options(self.dist.is_main))
         try:
             while True:
                 batches = token_batches(
@@ -320,12 +318,31 @@ class Loop:
         self.state["bad_streak"] = self.state["bad_streak"] + 1 if diverged else 0
         self.state["step"] += 1
         self.state["batch_in_epoch"] += 1
-        self.bar.update(1)
+        self.update_bar()
         if diverged or self.state["step"] % tc.log_every == 0:
             loss_sum = math.nan if diverged else loss_sum  # a skipped step has no loss
             self.log_update(loss_sum, stats, lr=lr, ratio=ratio, grad_norm=grad_norm)
         if diverged:
             self.check_divergence()
+
+    def update_bar(self) -> None:
+        """Advance the bar; its total is the step the run will really stop at (`expected_stop`),
+        so its ETA is that of max_steps or max_minutes, whichever ends first."""
+        tc, step = self.cfg.train, self.state["step"]
+        session_start, session_step = self.session
+        total = expected_stop(
+            step,
+            max_steps=tc.max_steps,
+            max_s=tc.max_minutes * 60,
+            elapsed_s=time.time() - self.start_time,
+            pace=(step - session_step) / max(time.time() - session_start, 1e-9),
+        )
+        if total != self.bar.total:
+            self.bar.total = total
+            self.bar.set_description(
+                "" if total == tc.max_steps else f"max_minutes={tc.max_minutes:g}", refresh=False
+            )
+        self.bar.update(1)
 
     def check_divergence(self) -> None:
         """Warn about a skipped step; stop after train.max_skipped_steps in a row."""
@@ -415,10 +432,12 @@ class Loop:
         }
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
+        example = " ".join(str(result["example"]).split())  # one line, whatever it holds
         self.bar.write(
             f"step {state['step']}: valid loss {row['valid_loss']:.3f}, "
-            f"BLEU {row['valid_bleu']:.2f} | {result['example']}"
+            f"BLEU {row['valid_bleu']:.2f} | {example}"
         )
+        sys.stdout.flush()  # shown now, also when stdout is a pipe or a file
         return result
 
     def checkpoint(self, result: dict | None, rng: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,237 @@
+"""`codat benchmark train`: the DAT training step with its speed settings off ("plain": the step as
+first written) against on ("fast": `StepOptions()` and float32 attention on CPU), timed side by side
+in one process on the same batches, plus the bf16 (or float32) matmul peak of the same machine
+measured in the same run.
+
+Both steps train the same model with one optimizer (forward, backward, clip, AdamW step, as
+`train.Loop.update`), taking turns on every repetition (order alternating), so a slower or faster
+phase of a shared machine affects both alike; the reported speed-up is the median over the
+repetitions of plain time / fast time. Timing only: that the settings change no result is what
+tests/test_glancing.py checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from codat.checkpoint import build_model
+from codat.config import RunConfig
+from codat.dat_train import StepOptions, dat_step
+from codat.data import Batch, token_batches
+from codat.layers import set_attention_fp32_on_cpu
+from codat.train import resolve_model_config, trainable_pairs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the step: its `StepOptions`, the attention setting, and whether AdamW uses
+    its fused kernel (`torch.optim.AdamW(fused=True)`, not what train.py builds today)."""
+
+    options: StepOptions
+    attention_fp32_on_cpu: bool
+    fused_adamw: bool = False
+
+
+VARIANTS = {
+    "plain": Variant(StepOptions.plain(), attention_fp32_on_cpu=False),
+    "fast": Variant(StepOptions(), attention_fp32_on_cpu=True),
+    "fast+adam": Variant(StepOptions(), attention_fp32_on_cpu=True, fused_adamw=True),
+}
+
+
+def matmul_peak(*, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:  # FLOP/s
+    """The best FLOP/s of a (size x size) @ (size x size) matmul in `dtype` over `repeats` runs
+    (after one untimed run): what the step's matmuls could reach at most on this machine."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dtype)
+    b = torch.randn(size, size, generator=g).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+class StepRunner:
+    """One model, optimizer and batch list; `run(variant)` trains one step per batch."""
+
+    def __init__(self, cfg: RunConfig, batches: list[Batch], *, ratio: float) -> None:
+        self.cfg, self.batches, self.ratio = cfg, batches, ratio
+        self.model = build_model(cfg.model)
+        self.model.train()
+        self.optimizers = {  # each keeps its own moments; only their speed is compared
+            fused: torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, fused=fused)
+            for fused in (False, True)
+        }
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = (
+            (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+            if cfg.train.bf16
+            else contextlib.nullcontext
+        )
+
+    def step(self, batch: Batch, variant: Variant) -> None:
+        set_attention_fp32_on_cpu(self.model, variant.attention_fp32_on_cpu)
+        loss, _ = dat_step(
+            self.model,
+            batch,
+            cfg=self.cfg,
+            ratio=self.ratio,
+            generator=self.generator,
+            autocast=self.autocast(),
+            options=variant.options,
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
+        optimizer = self.optimizers[variant.fused_adamw]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def run(self, variant: Variant) -> float:  # seconds
+        t0 = time.perf_counter()
+        for batch in self.batches:
+            self.step(batch, variant)
+        return time.perf_counter() - t0
+
+    def flops(self, variant: Variant) -> float:  # FLOPs of one pass over the batches
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.run(variant)
+        return float(counter.get_total_flops())
+
+
+def benchmark_batches(cfg: RunConfig, *, count: int, seed: int) -> list[Batch]:
+    """`count` training batches of `cfg` (train.max_tokens each, as the training loop draws)."""
+    data, indices = trainable_pairs(cfg, build_model(cfg.model))
+    sizes = torch.maximum(data.src_lens, data.tgt_lens)
+    order = token_batches(
+        sizes, max_tokens=cfg.train.max_tokens, shuffle=True, seed=seed, indices=indices
+    )
+    if len(order) < count:
+        raise ValueError(f"{cfg.data.dir} has {len(order)} batches, fewer than --batches={count}")
+    return [data.collate(idx) for idx in order[:count]]
+
+
+def run_train_benchmark(
+    cfg: RunConfig,
+    *,
+    batches: int = 4,
+    repeats: int = 5,
+    ratio: float | None = None,
+    seed: int = 0,
+    peak_size: int = 2048,
+) -> dict:
+    """Time the plain and the fast DAT step (`VARIANTS`) on the same `batches` batches of cfg's
+    data, `repeats` times each, alternating; measure the matmul peak in the same run. `ratio`:
+    the glancing ratio (default: the run's first, train.glance_start)."""
+    if cfg.model.arch != "dat":
+        raise ValueError(f"benchmark train times the DAT step: model.arch={cfg.model.arch}")
+    if repeats < 1 or batches < 1:
+        raise ValueError(f"need --repeats >= 1 and --batches >= 1, got {repeats}, {batches}")
+    cfg = resolve_model_config(cfg, resume=False)
+    tc = cfg.train
+    if ratio is None:
+        ratio = tc.glance_start
+    torch.manual_seed(seed)
+    data = benchmark_batches(cfg, count=batches, seed=seed)
+    runner = StepRunner(cfg, data, ratio=ratio)
+    tokens = sum(int(b.tgt_lens.sum()) for b in data)
+    dtype = torch.bfloat16 if tc.bf16 else torch.float32
+    names = list(VARIANTS)
+    for name in names:  # warm-up, and the FLOPs each variant does
+        runner.run(VARIANTS[name])
+    flops = {name: runner.flops(VARIANTS[name]) / batches for name in names}
+    seconds = {name: [] for name in names}
+    peaks = []
+    for r in range(repeats):
+        peaks.append(matmul_peak(dtype=dtype, size=peak_size))
+        for name in names if r % 2 == 0 else names[::-1]:
+            seconds[name].append(runner.run(VARIANTS[name]))
+    return summarise(cfg, seconds, flops, peaks, tokens=tokens, batches=batches, ratio=ratio)
+
+
+def summarise(
+    cfg: RunConfig,
+    seconds: dict[str, list[float]],
+    flops: dict[str, float],
+    peaks: list[float],
+    *,
+    tokens: int,
+    batches: int,
+    ratio: float,
+) -> dict:
+    """The result dict: per variant the median s/step, target tokens/s, FLOPs/step and the % of
+    the best measured matmul peak; the median per-repetition speed-up of each over the first."""
+    names = list(seconds)
+    base = names[0]
+    peak = max(peaks)
+    rows = {}
+    for name in names:
+        per_step = statistics.median(seconds[name]) / batches
+        rows[name] = {
+            "s_per_step": per_step,
+            "target_tokens_per_s": tokens / batches / per_step,
+            "flops_per_step": flops[name],
+            "peak_percent": 100.0 * flops[name] / per_step / peak,
+            "speedup": statistics.median(
+                b / s for b, s in zip(seconds[base], seconds[name], strict=True)
+            ),
+            "seconds": seconds[name],
+            "settings": describe(VARIANTS[name]),
+        }
+    m = cfg.model
+    return {
+        "config": f"dim={m.dim} layers={m.encoder_layers}+{m.decoder_layers} "
+        f"lambda={m.upsample_scale} V={m.vocab_size} max_tokens={cfg.train.max_tokens} "
+        f"bf16={cfg.train.bf16} objective={cfg.train.objective} glance_ratio={ratio}",
+        "batches": batches,
+        "target_tokens_per_step": tokens / batches,
+        "repeats": len(peaks),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "matmul_peak_flops": peak,
+        "matmul_peaks": peaks,
+        "relative_to": base,
+        "variants": rows,
+    }
+
+
+def describe(variant: Variant) -> str:
+    on = [k for k, v in vars(variant.options).items() if v]
+    on += [k for k in ("attention_fp32_on_cpu", "fused_adamw") if getattr(variant, k)]
+    return "all settings off" if not on else " ".join(on)
+
+
+def format_train_report(result: dict) -> str:
+    """A table: variant, s/step, target tok/s, GFLOP/step, % of the matmul peak, speed-up."""
+    r = result
+    dtype = "bf16" if "bf16=True" in r["config"] else "fp32"
+    lines = [
+        f"DAT training step: {r['config']}",
+        f"{r['batches']} batches ({r['target_tokens_per_step']:.0f} target tokens/step) x "
+        f"{r['repeats']} repetitions, alternating; threads={r['torch_threads']}, "
+        f"torch {r['torch_version']}; {dtype} matmul peak {r['matmul_peak_flops'] / 1e9:.0f} "
+        "GFLOP/s (best 2048^3 matmul)",
+        "",
+        f"{'step':<10}{'s/step':>9}{'tok/s':>9}{'GFLOP/step':>12}{'% peak':>8}{'speed-up':>10}"
+        "  settings",
+    ]
+    for name, row in r["variants"].items():
+        lines.append(
+            f"{name:<10}{row['s_per_step']:>9.3f}{row['target_tokens_per_s']:>9.0f}"
+            f"{row['flops_per_step'] / 1e9:>12.1f}{row['peak_percent']:>8.1f}"
+            f"{row['speedup']:>9.2f}x  {row['settings']}"
+        )
+    lines.append(
+        f"\nspeed-up = median over repetitions of (time of {r['relative_to']} / time of the row)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""codat.bench_train (`codat benchmark train`) on a tiny prepared copy task: no timing assertions.
+
+Checked: the result lists the plain and the fast steps with finite, positive seconds, tokens/s,
+FLOPs and % of the measured matmul peak (fast counts fewer FLOPs: pass 1 reuses pass 2's encoder);
+the speed-up is the median of the per-repetition time ratios (1 for the baseline); the report
+names both steps and their settings; a non-DAT config and too few batches are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+
+import pytest
+import torch
+from corpus import prepare_copy_task
+
+from codat.bench_train import VARIANTS, format_train_report, matmul_peak, run_train_benchmark
+from codat.config import config_from_dict
+
+SMALL = {"dim": 16, "heads": 2, "ffn_dim": 32, "encoder_layers": 1, "decoder_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    data = prepare_copy_task(tmp_path_factory.mktemp("bench_train"))
+    return config_from_dict(
+        {
+            "data": {"dir": str(data)},
+            "model": {"arch": "dat", "upsample_scale": 3.0, **SMALL},
+            "train": {"max_tokens": 64, "bf16": True, "glance_start": 0.5},
+        }
+    )
+
+
+def test_train_benchmark_reports_both_steps(cfg):
+    result = run_train_benchmark(cfg, batches=2, repeats=2, peak_size=32)
+    assert list(result["variants"]) == list(VARIANTS) == ["plain", "fast", "fast+adam"]
+    assert result["relative_to"] == "plain" and result["repeats"] == 2
+    assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
+    assert "glance_ratio=0.5" in result["config"] and "bf16=True" in result["config"]
+    plain, fast = result["variants"]["plain"], result["variants"]["fast"]
+    for row in (plain, fast):
+        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"])
+        assert row["target_tokens_per_s"] > 0 and row["flops_per_step"] > 0
+        assert 0 < row["peak_percent"] and math.isfinite(row["peak_percent"])
+    assert plain["speedup"] == 1.0
+    ratios = [p / f for p, f in zip(plain["seconds"], fast["seconds"], strict=True)]
+    assert fast["speedup"] == pytest.approx(statistics.median(ratios))
+    assert fast["flops_per_step"] < plain["flops_per_step"]  # one encoder forward fewer
+    report = format_train_report(result)
+    assert "plain" in report and "fast+adam" in report and "attention_fp32_on_cpu" in report
+    assert "all settings off" in report
+
+
+def test_train_benchmark_refuses_other_archs_and_too_few_batches(cfg):
+    with pytest.raises(ValueError, match="model.arch=at"):
+        run_train_benchmark(replace(cfg, model=replace(cfg.model, arch="at")), batches=1)
+    with pytest.raises(ValueError, match="--batches=100000"):
+        run_train_benchmark(cfg, batches=100000, repeats=1)
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak(dtype=torch.float32, size=16, repeats=2) > 0
