@@ -2,7 +2,8 @@
 
 Checked: the result lists the plain and the fast steps with finite, positive seconds, tokens/s,
 FLOPs and % of the measured matmul peak (fast counts fewer FLOPs: pass 1 reuses pass 2's encoder);
-the speed-up is the median of the per-repetition time ratios (1 for the baseline); the report
+the speed-up is the median of the per-repetition time ratios, by wall and by CPU time (1 for the
+baseline); the report
 names both steps and their settings; a non-DAT config and too few batches are refused.
 """
 
@@ -42,12 +43,15 @@ def test_train_benchmark_reports_both_steps(cfg):
     assert "glance_ratio=0.5" in result["config"] and "bf16=True" in result["config"]
     plain, fast = result["variants"]["plain"], result["variants"]["fast"]
     for row in (plain, fast):
-        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"])
+        assert len(row["seconds"]) == len(row["cpu_seconds"]) == 2
+        assert all(s > 0 for s in row["seconds"] + row["cpu_seconds"])
         assert row["target_tokens_per_s"] > 0 and row["flops_per_step"] > 0
         assert 0 < row["peak_percent"] and math.isfinite(row["peak_percent"])
     assert plain["speedup"] == 1.0
     ratios = [p / f for p, f in zip(plain["seconds"], fast["seconds"], strict=True)]
     assert fast["speedup"] == pytest.approx(statistics.median(ratios))
+    cpu_ratios = [p / f for p, f in zip(plain["cpu_seconds"], fast["cpu_seconds"], strict=True)]
+    assert fast["cpu_speedup"] == pytest.approx(statistics.median(cpu_ratios))
     assert fast["flops_per_step"] < plain["flops_per_step"]  # one encoder forward fewer
     report = format_train_report(result)
     assert "plain" in report and "fast+adam" in report and "attention_fp32_on_cpu" in report

@@ -48,16 +48,17 @@ VARIANTS = {
 
 def matmul_peak(*, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:  # FLOP/s
     """The best FLOP/s of a (size x size) @ (size x size) matmul in `dtype` over `repeats` runs
-    (after one untimed run): what the step's matmuls could reach at most on this machine."""
+    (after one untimed run), by this process's CPU time (per thread): what the step's matmuls
+    could reach at most on this machine."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=g).to(dtype)
     b = torch.randn(size, size, generator=g).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, (time.process_time() - t0) / torch.get_num_threads())
     return 2 * size**3 / best
 
 
@@ -96,11 +97,11 @@ class StepRunner:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def run(self, variant: Variant) -> float:  # seconds
-        t0 = time.perf_counter()
+    def run(self, variant: Variant) -> tuple[float, float]:  # wall, CPU seconds of this process
+        t0, c0 = time.perf_counter(), time.process_time()
         for batch in self.batches:
             self.step(batch, variant)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     def flops(self, variant: Variant) -> float:  # FLOPs of one pass over the batches
         counter = FlopCounterMode(display=False)
@@ -151,17 +152,23 @@ def run_train_benchmark(
         runner.run(VARIANTS[name])
     flops = {name: runner.flops(VARIANTS[name]) / batches for name in names}
     seconds = {name: [] for name in names}
+    cpu_seconds = {name: [] for name in names}
     peaks = []
     for r in range(repeats):
         peaks.append(matmul_peak(dtype=dtype, size=peak_size))
         for name in names if r % 2 == 0 else names[::-1]:
-            seconds[name].append(runner.run(VARIANTS[name]))
-    return summarise(cfg, seconds, flops, peaks, tokens=tokens, batches=batches, ratio=ratio)
+            wall, cpu = runner.run(VARIANTS[name])
+            seconds[name].append(wall)
+            cpu_seconds[name].append(cpu)
+    return summarise(
+        cfg, seconds, cpu_seconds, flops, peaks, tokens=tokens, batches=batches, ratio=ratio
+    )
 
 
 def summarise(
     cfg: RunConfig,
     seconds: dict[str, list[float]],
+    cpu_seconds: dict[str, list[float]],
     flops: dict[str, float],
     peaks: list[float],
     *,
@@ -169,23 +176,33 @@ def summarise(
     batches: int,
     ratio: float,
 ) -> dict:
-    """The result dict: per variant the median s/step, target tokens/s, FLOPs/step and the % of
-    the best measured matmul peak; the median per-repetition speed-up of each over the first."""
+    """The result dict: per variant the median wall and CPU s/step, target tokens/s (wall), the
+    FLOPs/step and the % of the best measured matmul peak they reach (by CPU time per thread),
+    and the median per-repetition speed-up of each over the first, by wall time and by CPU
+    time (the steadier one on a shared machine: other processes' load does not count)."""
     names = list(seconds)
     base = names[0]
     peak = max(peaks)
+    threads = torch.get_num_threads()
+
+    def speedup(times: dict[str, list[float]], name: str) -> float:
+        return statistics.median(b / s for b, s in zip(times[base], times[name], strict=True))
+
     rows = {}
     for name in names:
         per_step = statistics.median(seconds[name]) / batches
+        cpu_per_step = statistics.median(cpu_seconds[name]) / batches
         rows[name] = {
             "s_per_step": per_step,
+            "cpu_s_per_step": cpu_per_step,
             "target_tokens_per_s": tokens / batches / per_step,
+            "target_tokens_per_cpu_s": tokens / batches / cpu_per_step,
             "flops_per_step": flops[name],
-            "peak_percent": 100.0 * flops[name] / per_step / peak,
-            "speedup": statistics.median(
-                b / s for b, s in zip(seconds[base], seconds[name], strict=True)
-            ),
+            "peak_percent": 100.0 * flops[name] / (cpu_per_step / threads) / peak,
+            "speedup": speedup(seconds, name),
+            "cpu_speedup": speedup(cpu_seconds, name),
             "seconds": seconds[name],
+            "cpu_seconds": cpu_seconds[name],
             "settings": describe(VARIANTS[name]),
         }
     m = cfg.model
@@ -197,7 +214,7 @@ def summarise(
         "target_tokens_per_step": tokens / batches,
         "repeats": len(peaks),
         "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "matmul_peak_flops": peak,
         "matmul_peaks": peaks,
         "relative_to": base,
@@ -212,7 +229,8 @@ def describe(variant: Variant) -> str:
 
 
 def format_train_report(result: dict) -> str:
-    """A table: variant, s/step, target tok/s, GFLOP/step, % of the matmul peak, speed-up."""
+    """A table: variant, wall and CPU s/step, target tok/s, GFLOP/step, % of the matmul peak,
+    speed-up by wall and by CPU time."""
     r = result
     dtype = "bf16" if "bf16=True" in r["config"] else "fp32"
     lines = [
@@ -220,18 +238,21 @@ def format_train_report(result: dict) -> str:
         f"{r['batches']} batches ({r['target_tokens_per_step']:.0f} target tokens/step) x "
         f"{r['repeats']} repetitions, alternating; threads={r['torch_threads']}, "
         f"torch {r['torch_version']}; {dtype} matmul peak {r['matmul_peak_flops'] / 1e9:.0f} "
-        "GFLOP/s (best 2048^3 matmul)",
+        "GFLOP/s per thread (best 2048^3 matmul)",
         "",
-        f"{'step':<10}{'s/step':>9}{'tok/s':>9}{'GFLOP/step':>12}{'% peak':>8}{'speed-up':>10}"
-        "  settings",
+        f"{'step':<10}{'s/step':>8}{'cpu s':>8}{'tok/s':>7}{'GFLOP':>7}{'%peak':>6}"
+        f"{'speed-up':>9}{'cpu':>7}  settings",
     ]
     for name, row in r["variants"].items():
         lines.append(
-            f"{name:<10}{row['s_per_step']:>9.3f}{row['target_tokens_per_s']:>9.0f}"
-            f"{row['flops_per_step'] / 1e9:>12.1f}{row['peak_percent']:>8.1f}"
-            f"{row['speedup']:>9.2f}x  {row['settings']}"
+            f"{name:<10}{row['s_per_step']:>8.2f}{row['cpu_s_per_step']:>8.2f}"
+            f"{row['target_tokens_per_s']:>7.0f}{row['flops_per_step'] / 1e9:>7.0f}"
+            f"{row['peak_percent']:>6.1f}{row['speedup']:>8.2f}x{row['cpu_speedup']:>6.2f}x"
+            f"  {row['settings']}"
         )
     lines.append(
-        f"\nspeed-up = median over repetitions of (time of {r['relative_to']} / time of the row)"
+        f"\nspeed-up = median over repetitions of (time of {r['relative_to']} / time of the "
+        "row), by wall time and by this process's CPU time; GFLOP per step (counted); %peak: "
+        "of the matmul peak, by CPU time per thread"
     )
     return "\n".join(lines)

@@ -346,6 +346,18 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the random logits by this: > 1 gives the peaky distributions of a trained "
+        "model (default 1)",
+    )
+    p.add_argument(
+        "--thread-counts",
+        default="",
+        help="comma list of CPU thread counts, one report each, e.g. 1,2 (default: --threads)",
+    )
     decode = _verb(
         kinds,
         "decode",

@@ -147,7 +147,7 @@ def average(a: argparse.Namespace) -> int:
     state_file = run / "last" / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file} not found: is {run} a codat run directory?")
-    best = json.loads(state_file.read_text())["best"]  # [[valid BLEU, step, name], ...]
+    best = json.loads(state_file.read_text())["best"]  # [[valid score, step, name], ...]
     paths = [run / "checkpoints" / name for _, _, name in best]
     missing = [str(x) for x in paths if not (x / "model.safetensors").is_file()]
     if missing:
@@ -155,7 +155,7 @@ def average(a: argparse.Namespace) -> int:
     out = pathlib.Path(a.out) if a.out else run / "averaged"
     average_checkpoints(paths, out)
     scores = [round(b[0], 2) for b in best]
-    print(f"averaged {len(paths)} checkpoints (valid BLEU {scores}) -> {out}")
+    print(f"averaged {len(paths)} checkpoints (valid score {scores}) -> {out}")
     return 0
 
 
@@ -229,17 +229,25 @@ def benchmark_dag(a: argparse.Namespace) -> int:
     from codat.benchmark import format_dag_report, run_dag_benchmark
 
     device_of(a)  # --threads
-    result = run_dag_benchmark(
-        batch_size=a.batch_size,
-        target_len=a.target_len,
-        graph_len=a.graph_len,
-        repeats=a.repeats,
-        warmup=a.warmup,
-        seed=a.seed,
-        device=a.device or "cpu",
-    )
-    print(format_dag_report(result))
-    _write_json(result, a.json)
+    counts = [int(x) for x in a.thread_counts.split(",") if x.strip()] or [None]
+    if any(c is not None and c < 1 for c in counts):
+        raise ValueError(f"--thread-counts={a.thread_counts}: each count must be >= 1")
+    results = []
+    for threads in counts:
+        result = run_dag_benchmark(
+            batch_size=a.batch_size,
+            target_len=a.target_len,
+            graph_len=a.graph_len,
+            repeats=a.repeats,
+            warmup=a.warmup,
+            seed=a.seed,
+            scale=a.scale,
+            threads=threads,
+            device=a.device or "cpu",
+        )
+        print(format_dag_report(result))
+        results.append(result)
+    _write_json(results[0] if len(results) == 1 else {"runs": results}, a.json)
     return 0
 
 

@@ -425,6 +425,7 @@ class Loop:
             "step": state["step"],
             "valid_loss": round(result["valid_loss"], 4),
             "valid_bleu": round(result["valid_bleu"], 2),
+            "valid_score": round(result["valid_score"], 2),  # data.valid_metric: selects best/
             **{
                 k: round(v, 4) for k, v in result.items() if k.startswith("valid_") and "_" in k[6:]
             },
@@ -435,14 +436,19 @@ class Loop:
         example = " ".join(str(result["example"]).split())  # one line, whatever it holds
         self.bar.write(
             f"step {state['step']}: valid loss {row['valid_loss']:.3f}, "
-            f"BLEU {row['valid_bleu']:.2f} | {example}"
+            f"BLEU {row['valid_bleu']:.2f}{self._metric_text(row)} | {example}"
         )
         sys.stdout.flush()  # shown now, also when stdout is a pipe or a file
         return result
 
+    def _metric_text(self, row: dict) -> str:
+        """', rouge 31.20' when the selection metric (data.valid_metric) is not BLEU."""
+        metric = self.cfg.data.valid_metric
+        return "" if metric == "bleu" else f", {metric} {row['valid_score']:.2f}"
+
     def checkpoint(self, result: dict | None, rng: dict[str, torch.Tensor]) -> None:
         """checkpoints/ and best/ when validated (`result`), then last/ (`save_run_checkpoints`)."""
-        bleu = None if result is None else result["valid_bleu"]
+        bleu = None if result is None else result["valid_score"]  # data.valid_metric
         save_run_checkpoints(
             self.core, self.cfg, self.validation.spm_path, self.optimizer, self.state, rng, bleu
         )
