@@ -698,3 +698,132 @@ def dense_dag_log_likelihood(
         end = alpha[int(graph_lens[b]) - 1]
         out.append(torch.where(torch.isfinite(end), end, NEG_INF))
     return torch.stack(out)
+
+
+def loop_candidate_probs_mode(
+    token_logp_b: torch.Tensor,  # (L, V) of one sentence
+    trans_logp_b: torch.Tensor,  # (L, L) of one sentence
+    graph_len: int,
+    temperature: float,
+    top_p: float,
+    top_tokens: int,
+    mode: str,
+) -> list[dict[tuple[int, int], float]]:
+    """The step distribution over (next vertex j, token rank r) of each vertex i < L_b - 1 for
+    the sampler modes of `codat.decode.sampling_distribution`, one vertex at a time in floats.
+
+    log: `loop_candidate_probs`. paper (CoDAT Algorithm 2 literally): t[j][r] = P(r-th token | j)
+    divided by the sum of t over all vertices < L_b and ranks; score = exp(E[i][j]) + t[j][r] over
+    the existing edges; candidates sorted by score, kept while the score before them is < top_p
+    times the row's total score (the first always); then softmax(score / tau) over the kept ones
+    (tau = 0: the best score). dat (DAT v2.0 `inference_sample`, no bans, beta = 1): the
+    transitions of i tempered, A[j] = E[i][j] / tau - logsumexp_j'(E[i][j'] / tau) (tau = 0: 0 for
+    the best j, -inf elsewhere); score = A[j] + logP(r-th token | j); the top_tokens best scores
+    are taken, in descending order while the mass exp(score) before them is <= top_p, and drawn
+    with probability exp(score) / (sum over the taken).
+    """
+    if mode == "log":
+        return loop_candidate_probs(
+            token_logp_b, trans_logp_b, graph_len, temperature, top_p, top_tokens
+        )
+    Lb, c = int(graph_len), top_tokens
+    logp = token_logp_b.double().tolist()
+    trans = trans_logp_b.double().tolist()
+    ranked = [sorted(row, reverse=True)[:c] for row in logp]
+    out = []
+    if mode == "paper":
+        total = sum(math.exp(x) for j in range(Lb) for x in ranked[j])
+        for i in range(Lb - 1):
+            score = {
+                (j, r): math.exp(trans[i][j]) + math.exp(ranked[j][r]) / total
+                for j in range(i + 1, Lb)
+                if trans[i][j] > float("-inf")
+                for r in range(c)
+            }
+            row_sum = sum(score.values())
+            kept, mass = [], 0.0
+            for cand in sorted(score, key=lambda x, s=score: -s[x]):
+                if kept and not mass < top_p * row_sum:
+                    break
+                kept.append(cand)
+                mass += score[cand]
+            if temperature == 0:
+                out.append({max(kept, key=lambda x, s=score: s[x]): 1.0})
+                continue
+            m = max(score[x] / temperature for x in kept)
+            z = sum(math.exp(score[x] / temperature - m) for x in kept)
+            out.append({x: math.exp(score[x] / temperature - m) / z for x in kept})
+        return out
+    for i in range(Lb - 1):
+        succ = [j for j in range(i + 1, Lb) if trans[i][j] > float("-inf")]
+        if temperature == 0:
+            best = max(succ, key=lambda j: (trans[i][j], -j))
+            tempered = {best: 0.0}
+        else:
+            m = max(trans[i][j] / temperature for j in succ)
+            lse = m + math.log(sum(math.exp(trans[i][j] / temperature - m) for j in succ))
+            tempered = {j: trans[i][j] / temperature - lse for j in succ}
+        score = {(j, r): a + ranked[j][r] for j, a in tempered.items() for r in range(c)}
+        top = sorted(score, key=lambda x, s=score: -s[x])[:c]
+        kept, mass = [], 0.0
+        for cand in top:
+            if kept and mass > top_p:
+                break
+            kept.append(cand)
+            mass += math.exp(score[cand])
+        z = sum(math.exp(score[x]) for x in kept)
+        out.append({x: math.exp(score[x]) / z for x in kept})
+    return out
+
+
+def loop_sentence_contrastive_loss(
+    scores: list[list[float]],  # [b][k]
+    rewards: list[list[float]],  # [b][k]
+    margin: float,
+    mask: list[list[bool]] | None = None,
+    tie: float = 0.0,
+) -> float:
+    """Appendix C's average of the ranking loss: per sentence the sum of its pair losses (as in
+    `loop_contrastive_loss`) divided by n (n - 1) / 2 for its n participating samples, then the
+    mean over the sentences with n >= 2 (0.0 when there are none)."""
+    means = []
+    for b in range(len(scores)):
+        m = None if mask is None else [mask[b]]
+        part = [
+            k
+            for k in range(len(scores[b]))
+            if (mask is None or mask[b][k]) and math.isfinite(scores[b][k])
+        ]
+        n = len(part)
+        if n < 2:
+            continue
+        pairs = sum(
+            1 for i in part for j in part if rewards[b][i] - rewards[b][j] > tie
+        )  # the count loop_contrastive_loss divides by
+        pair_mean = loop_contrastive_loss([scores[b]], [rewards[b]], margin, m, tie)
+        means.append(pair_mean * pairs / (n * (n - 1) / 2))
+    return sum(means) / len(means) if means else 0.0
+
+
+def loop_reverse_kl_reward_loss(
+    log_q: torch.Tensor,  # (B, K) with grad
+    rewards: list[list[float]],  # [b][k] on the 0-1 scale
+    temperature: float,
+    mask: list[list[bool]] | None = None,
+) -> torch.Tensor:
+    """Appendix A's REINFORCE estimate, one sample at a time: per sentence the participating
+    samples (mask True, finite log q) get A_k = R_k / T - log q_k as a constant, minus the mean of
+    A over them; loss = -sum (A_k - mean) * log q_k over all participating samples / their count."""
+    total, count = log_q.new_zeros(()), 0
+    for b in range(log_q.shape[0]):
+        part = [
+            k
+            for k in range(log_q.shape[1])
+            if (mask is None or mask[b][k]) and math.isfinite(float(log_q[b, k].detach()))
+        ]
+        adv = {k: rewards[b][k] / temperature - float(log_q[b, k].detach()) for k in part}
+        mean = sum(adv.values()) / len(part) if part else 0.0
+        for k in part:
+            total = total - (adv[k] - mean) * log_q[b, k]
+            count += 1
+    return total / max(count, 1)

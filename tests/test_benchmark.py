@@ -10,6 +10,7 @@ import torch
 from reference import brute_force_log_likelihood, random_dag
 
 from codat.benchmark import (
+    _peak_rss_mb,
     format_dag_report,
     make_dag_inputs,
     naive_dag_log_likelihood,
@@ -110,10 +111,32 @@ def test_run_dag_benchmark_tiny():
     assert (result["batch_size"], result["target_len"], result["graph_len"]) == (2, 4, 12)
     json.dumps(result)  # serialisable as it is
 
+    memory = result["peak_memory_mb"]  # CPU: peak RSS growth, one subprocess per function
+    assert set(memory) == {"naive", "codat"} and all(v >= 0 for v in memory.values())
+    assert "VmHWM" in result["peak_memory_kind"]
+
     report = format_dag_report(result)
     assert "speed-up" in report
+    assert "peak memory MB" in report
     assert f"{result['forward_backward_speedup']:.2f}x" in report
     assert "B=2" in report and "N=4" in report and "L=12" in report and "device=cpu" in report
+
+
+def test_run_dag_benchmark_can_skip_cpu_memory():
+    result = run_dag_benchmark(
+        batch_size=1, target_len=2, graph_len=4, repeats=1, warmup=0, cpu_memory=False
+    )
+    assert result["peak_memory_mb"] is None and result["peak_memory_kind"] is None
+    assert "peak memory" not in format_dag_report(result)
+
+
+def test_peak_rss_sees_torch_allocations():
+    """A forward + backward that must hold a (B, L, L) float32 tensor per target step shows at
+    least that much peak memory growth (tracemalloc would report ~0 for torch tensors)."""
+    inputs = make_dag_inputs(2, 8, 256, seed=0)
+    memory = _peak_rss_mb(inputs, 1)
+    saved_by_naive = 7 * 2 * 256 * 256 * 4 / 2**20  # >= N - 1 exp'd score tensors kept
+    assert memory["naive"] >= saved_by_naive
 
 
 def test_main_dag_prints_report_and_writes_json(tmp_path, capsys):

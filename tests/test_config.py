@@ -327,3 +327,34 @@ def test_codat_section_validates_and_resolves_gate():
 def test_every_value_is_range_checked_at_load_naming_the_key(cfg_file, override, key):
     with pytest.raises(ValueError, match=re.escape(f"{key}=")):
         load_config(cfg_file, [override])
+
+
+# --- sampler modes, filter, pair averaging, reward temperature, rerank, validation decoder ------
+
+
+def test_decode_sampler_follows_codat_sampler_unless_set():
+    from codat.config import config_from_dict
+
+    assert config_from_dict({}).decode.sampler == ""  # samples as log, the default of both
+    follows = config_from_dict({"codat": {"sampler": "paper"}})
+    assert follows.decode.sampler == "paper"
+    own = config_from_dict({"codat": {"sampler": "paper"}, "decode": {"sampler": "dat"}})
+    assert own.decode.sampler == "dat" and own.codat.sampler == "paper"
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"codat": {"sampler": "exp"}}, "codat.sampler"),
+        ({"codat": {"filter": "bleu"}}, "codat.filter"),
+        ({"codat": {"pair_average": "mean"}}, "codat.pair_average"),
+        ({"codat": {"reward_temperature": -1.0}}, "codat.reward_temperature"),
+        ({"decode": {"sampler": "exp"}}, "decode.sampler"),
+        ({"decode": {"rerank": "bleu"}}, "decode.rerank"),
+    ],
+)
+def test_new_codat_and_decode_fields_are_checked(values, key):
+    from codat.config import config_from_dict
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        config_from_dict(values)

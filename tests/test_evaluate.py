@@ -33,7 +33,7 @@ from codat.config import (
 )
 from codat.dag import dag_log_likelihood
 from codat.dat_train import codat_term
-from codat.data import ParallelData, read_meta, token_batches
+from codat.data import BOS_ID, EOS_ID, ParallelData, read_meta, token_batches
 from codat.evaluate import (
     SENTENCE_LOSSES,
     Validation,
@@ -180,7 +180,9 @@ def test_analyze_ncm_and_bleus(data, translator):
         out = translator.model(b.src_ids, b.src_lens)
         tok = gather_token_logp(out.token_logits, b.tgt_ids)
         ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
-    assert result["ncm"] == pytest.approx(float(-ll.sum() / b.tgt_lens.sum()), rel=1e-5)
+    want = float(-ll.sum() / b.tgt_lens.sum())
+    assert result["dp_loss_per_token"] == pytest.approx(want, rel=1e-5)
+    assert "ncm" not in result  # the paper's NCM needs an AT scorer (--ncm-scorer)
     assert analyze(translator, split, refs, dc) == result  # the seed fixes the samples
 
 
@@ -288,3 +290,59 @@ def test_cli_tune_beta_takes_metric_flag_and_else_the_runs_metric(data, translat
     assert json.loads(capsys.readouterr().out)["metric"] == "bleu"  # the run's data.valid_metric
     with pytest.raises(ValueError, match="--metric 'x'"):
         run([*base, "--metric", "x", "--device", "cpu"])
+
+
+# --- NCM with an AT scorer run, and the validation decoder ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def at_scorer(data) -> Translator:
+    cfg = _cfg(data, "at")
+    path = data.parent / "at_scorer"
+    save_checkpoint(path, _model(cfg), cfg, data / "spm.model")
+    return Translator.from_dir(path)
+
+
+def test_ncm_is_the_scorer_nll_per_token_of_the_decoded_outputs_by_hand(
+    data, translator, at_scorer
+):
+    split, refs = load_split(data, "val")
+    split, refs = first_sentences(split, refs, 5)
+    dc = DecodeConfig(decoder="sample", samples=3, temperature=0.5, max_tokens=64)
+    result = analyze(translator, split, refs, dc, scorer=at_scorer)
+    hyps = translate_ids(translator.model, split.src, dc)
+    # By hand: one sentence at a time, teacher forcing <s> y -> y </s>, summed NLL / tokens.
+    nll, tokens = 0.0, 0
+    model = at_scorer.model.eval()
+    with torch.no_grad():
+        for src, hyp in zip(split.src, hyps, strict=True):
+            src_ids = torch.tensor([[*src.tolist(), EOS_ID]])
+            prev = torch.tensor([[BOS_ID, *hyp]])
+            target = [*hyp, EOS_ID]
+            logp = torch.log_softmax(model(src_ids, torch.tensor([len(src) + 1]), prev)[0], -1)
+            nll -= sum(float(logp[t, y]) for t, y in enumerate(target))
+            tokens += len(target)
+    assert result["ncm_tokens"] == tokens
+    assert result["ncm"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert result["ncm"] > 0
+
+
+def test_ncm_scorer_must_be_an_at_run_with_the_same_tokenizer(data, translator):
+    split, refs = first_sentences(*load_split(data, "val"), 2)
+    dc = DecodeConfig(samples=2, max_tokens=64)
+    with pytest.raises(ValueError, match="need an at run"):
+        analyze(translator, split, refs, dc, scorer=translator)
+
+
+def test_validation_bleu_uses_train_valid_decoder(data):
+    cfg = _cfg(data, "dat", valid_decoder="greedy", eval_max_sentences=6)
+    cfg = dataclasses.replace(cfg, codat=CodatConfig(samples=4, eval_sentences=0))
+    model = _model(cfg).eval()
+    valid = Validation.load(cfg, torch.device("cpu"), NULL)
+    result = valid.evaluate(model, cfg)
+    with torch.no_grad():
+        greedy = translate_ids(model, valid.data.src, DecodeConfig(decoder="greedy", max_tokens=64))
+    hyps = [valid.sp.decode(h) for h in greedy]
+    assert result["valid_bleu"] == pytest.approx(corpus_bleu(hyps, valid.refs).score)
+    with pytest.raises(ValueError, match="bogus"):
+        Validation.load(_cfg(data, "dat", valid_decoder="bogus"), torch.device("cpu"), NULL)

@@ -592,12 +592,12 @@ def test_codat_fine_tuning_end_to_end(trained, capsys):
     )
     result = json.loads(analyzed.read_text())
     assert result["sentences"] == 12 and result["samples"] == 8 and result["no_path"] == 0
-    assert result["ncm"] > 0
+    assert result["dp_loss_per_token"] > 0
     assert 1 <= result["distinct_per_sentence"] <= 8
     assert 0 <= result["mean_sample_sentence_bleu"] <= 100
     assert 0 <= result["rerank_bleu"] <= 100 and 0 <= result["oracle_bleu"] <= 100
     # NCM = sum of -log P(Y|X) over the sum of target lengths (<s>, </s> included).
-    _ncm_check(run, data, result["ncm"])
+    _ncm_check(run, data, result["dp_loss_per_token"])
 
     png = trained["tmp"] / "curves.png"
     _run(["plot", str(dat), str(run), "--out", str(png)])

@@ -153,3 +153,105 @@ def test_dag_nll_float32_matches_float64():
     loss32, _, _ = dag_nll(token.float(), trans.float(), *args)
     assert loss32.dtype == torch.float32
     assert math.isclose(float(loss32), float(loss64), rel_tol=1e-5, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Appendix A (+Reward as reverse KL) and Appendix C (per-sentence pair averaging)
+
+
+def _sample_case(seed: int, B: int = 3, K: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    log_q = (-5 * torch.rand(B, K, generator=g, dtype=torch.float64)).requires_grad_()
+    rewards = torch.rand(B, K, generator=g, dtype=torch.float64).round(decimals=1)
+    mask = torch.rand(B, K, generator=g) > 0.3
+    mask[0] = True
+    mask[2, 1:] = False  # one sentence with a single sample
+    return log_q, rewards, mask
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reverse_kl_reward_loss_matches_loop_in_value_and_gradient(temperature, seed):
+    from reference import loop_reverse_kl_reward_loss
+
+    log_q, rewards, mask = _sample_case(seed)
+    with torch.no_grad():
+        log_q[1, 0] = float("-inf")  # no path: takes no part
+    got = objectives.reverse_kl_reward_loss(log_q, rewards, temperature=temperature, mask=mask)
+    (g_got,) = torch.autograd.grad(got, log_q)
+    want = loop_reverse_kl_reward_loss(log_q, rewards.tolist(), temperature, mask.tolist())
+    (g_want,) = torch.autograd.grad(want, log_q)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+    assert torch.isfinite(g_got).all()
+
+
+def test_reverse_kl_reward_gradient_is_the_kl_gradient_on_a_two_sample_space():
+    # q = softmax(theta) over two outcomes, each drawn once (K = 2, exact enumeration weights):
+    # the estimator with weights q_k equals d/dtheta KL(q || exp(R / T) / Z).
+    theta = torch.tensor([0.3, -0.4], dtype=torch.float64, requires_grad=True)
+    rewards = torch.tensor([[0.9, 0.2]], dtype=torch.float64)
+    T = 0.5
+    log_q = torch.log_softmax(theta, 0)
+    q = log_q.exp().detach()
+    kl = (log_q.exp() * (log_q - rewards[0] / T)).sum()
+    (want,) = torch.autograd.grad(kl, theta)
+    # E_q[(log q - R/T) grad log q] with exact expectation: weight each sample's loss by q_k * K.
+    log_q2 = torch.log_softmax(theta, 0)
+    adv = (rewards[0] / T - log_q2).detach()
+    est = -((adv - (q * adv).sum()) * log_q2 * q).sum()
+    (got,) = torch.autograd.grad(est, theta)
+    torch.testing.assert_close(got, want)
+    # and the library's loss on uniformly weighted samples has the same sign of the update
+    loss = objectives.reverse_kl_reward_loss(
+        torch.log_softmax(theta, 0).unsqueeze(0), rewards, temperature=T
+    )
+    (lib,) = torch.autograd.grad(loss, theta)
+    assert torch.sign(lib[0]) == torch.sign(want[0])
+
+
+def test_reverse_kl_reward_loss_rejects_bad_temperature_and_shapes():
+    log_q, rewards, _ = _sample_case(0)
+    with pytest.raises(ValueError, match="reward_temperature"):
+        objectives.reverse_kl_reward_loss(log_q, rewards, temperature=0.0)
+    with pytest.raises(ValueError, match="must match"):
+        objectives.reverse_kl_reward_loss(log_q, rewards[:, :2], temperature=1.0)
+
+
+@pytest.mark.parametrize("tie", [0.0, 0.05])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sentence_pair_average_matches_loop_in_value_and_gradient(tie, seed):
+    from reference import loop_contrastive_loss, loop_sentence_contrastive_loss
+
+    scores, rewards, mask = _sample_case(seed)
+    for average, loop in (
+        ("sentence", loop_sentence_contrastive_loss),
+        ("pooled", loop_contrastive_loss),
+    ):
+        got = objectives.sentence_contrastive_loss(
+            scores, rewards, margin=0.3, mask=mask, tie=tie, pair_average=average
+        )
+        want = loop(scores.tolist(), rewards.tolist(), 0.3, mask.tolist(), tie)
+        assert got.dtype == torch.float32
+        assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-6), average
+        (g,) = torch.autograd.grad(got, scores)
+        eps = 1e-6
+        for b, k in itertools.product(range(3), range(6)):
+            bumped = scores.detach().clone()
+            bumped[b, k] += eps
+            up = loop(bumped.tolist(), rewards.tolist(), 0.3, mask.tolist(), tie)
+            assert float(g[b, k]) == pytest.approx((up - want) / eps, abs=1e-3), (average, b, k)
+
+
+def test_sentence_pair_average_weighs_sentences_equally():
+    # Sentence 0 has 3 samples (3 pairs), sentence 1 has 2 (1 pair); only sentence 1 violates.
+    scores = torch.tensor([[-1.0, -2.0, -3.0], [-2.0, -1.0, float("-inf")]])
+    rewards = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.2, 0.0]])
+    pooled = objectives.sentence_contrastive_loss(scores, rewards, margin=0.0)
+    sentence = objectives.sentence_contrastive_loss(
+        scores, rewards, margin=0.0, pair_average="sentence"
+    )
+    assert float(pooled) == pytest.approx(1.0 / 4)  # one violation of 1.0 over 4 pairs
+    assert float(sentence) == pytest.approx((0.0 + 1.0) / 2)
+    with pytest.raises(ValueError, match="pair_average"):
+        objectives.sentence_contrastive_loss(scores, rewards, margin=0.0, pair_average="x")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from reference import (
     clean_tokens,
     exact_sample_path_probs,
     loop_candidate_probs,
+    loop_candidate_probs_mode,
     loop_lookahead,
     random_dag,
 )
@@ -629,3 +631,256 @@ def test_graph_lens_too_short_or_long_raise():
                 special_ids=SPECIALS,
                 pad_id=PAD,
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler modes: log (the default above), paper (Algorithm 2 literally), dat (DAT v2.0)
+
+MODES = ("log", "paper", "dat")
+
+
+MODE_CASES = [(1.0, 1.0), (0.1, 0.5), (0.05, 0.9), (0.0, 1.0)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("temperature", "top_p"), MODE_CASES)
+@pytest.mark.parametrize("top_tokens", [1, 3])
+def test_sampling_distribution_of_each_mode_matches_its_loop(mode, temperature, top_p, top_tokens):
+    torch.manual_seed(top_tokens + 7)
+    gl = torch.tensor([6, 2, 4, 5])
+    tok, tr = random_dag(4, 6, gl, V, drop_edges=0.3)
+    c = top_tokens
+    probs, _, _ = sampling_distribution(
+        tok, tr, temperature=temperature, top_p=top_p, top_tokens=c, mode=mode
+    )
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, 6), rtol=1e-5, atol=1e-5)
+    for b, Lb in enumerate(gl.tolist()):
+        steps = loop_candidate_probs_mode(tok[b], tr[b], Lb, temperature, top_p, c, mode)
+        for i in range(Lb - 1):
+            want = torch.zeros(6 * c, dtype=torch.float64)
+            for (j, r), p in steps[i].items():
+                want[j * c + r] = p
+            torch.testing.assert_close(probs[b, i].double(), want, rtol=0, atol=1e-5)
+
+
+def _distinct_word_dag(seed: int, L: int, c: int):
+    """One sentence whose vertex j has its c most likely tokens 4 + j * c + r (r < c), all real
+    words and distinct across vertices, so that a sample's tokens name its path and token ranks."""
+    torch.manual_seed(seed)
+    n_words = 4 + L * c
+    logits = torch.full((1, L, n_words + 1), -3.0, dtype=torch.float64)
+    for j in range(L):
+        logits[0, j, 4 + j * c : 4 + (j + 1) * c] = torch.rand(c, dtype=torch.float64) * 1.5
+    _, tr = random_dag(1, L, [L], 2)
+    finite = torch.isfinite(tr)
+    tr = torch.where(finite, torch.log_softmax(torch.where(finite, tr * 0.4, NEG_INF), -1), NEG_INF)
+    return torch.log_softmax(logits, -1), tr, torch.tensor([L])
+
+
+def _exact_token_sequences(steps, tok_b, L: int, c: int) -> dict[tuple[int, ...], float]:
+    """P(output tokens) from per-vertex step distributions {(j, r): p}, by enumerating paths and
+    token ranks (vertex 0 shows its best token; the tokens are distinct, so nothing collapses)."""
+    ids = tok_b.topk(c, dim=-1).indices.tolist()  # ids[j][r]: the r-th most likely token of j
+    best0 = ids[0][0]
+    out: dict[tuple[int, ...], float] = {}
+    for n_mid in range(L - 1):
+        for mid in itertools.combinations(range(1, L - 1), n_mid):
+            path = (0, *mid, L - 1)
+            for ranks in itertools.product(range(c), repeat=len(path) - 1):
+                prob = math.prod(
+                    steps[a].get((j, r), 0.0)
+                    for (a, j), r in zip(itertools.pairwise(path), ranks, strict=True)
+                )
+                words = tuple(ids[j][r] for j, r in zip(path[1:], ranks, strict=True))
+                if prob > 0:
+                    out[(best0, *words)] = out.get((best0, *words), 0.0) + prob
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mode", "temperature", "top_p", "top_tokens"),
+    [("log", 0.8, 0.7, 2), ("paper", 0.1, 0.5, 2), ("paper", 0.05, 1.0, 1), ("dat", 0.5, 0.9, 3)],
+)
+def test_sampled_paths_and_tokens_pass_chi_square_for_each_mode(
+    mode, temperature, top_p, top_tokens
+):
+    L, c = 5, top_tokens
+    tok, tr, gl = _distinct_word_dag(3, L, c)
+    samples = sample_dag(
+        tok,
+        tr,
+        gl,
+        num_samples=N_DRAWS,
+        temperature=temperature,
+        top_p=top_p,
+        top_tokens=c,
+        mode=mode,
+        generator=_gen(0),
+        special_ids=SPECIALS,
+        pad_id=PAD,
+    )
+    steps = loop_candidate_probs_mode(tok[0], tr[0], L, temperature, top_p, c, mode)
+    exact = _exact_token_sequences(steps, tok[0], L, c)
+    assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-9)
+    counts = Counter(
+        tuple(_row(row, n))
+        for row, n in zip(samples.tokens[0].tolist(), samples.lengths[0].tolist(), strict=True)
+    )
+    assert sum(counts.values()) == N_DRAWS
+    for seq in counts:
+        assert exact.get(seq, 0.0) > 0, f"sampled {seq} has probability 0"
+    stat, dof = _chi2(counts, exact, N_DRAWS)
+    assert dof >= 2
+    assert stat < _chi2_upper(dof), f"chi2 {stat:.1f} with {dof} dof"
+
+
+def test_chi_square_tells_the_modes_apart():
+    # Guards the previous test: paper samples are rejected against the log mode's distribution.
+    L, c = 5, 2
+    tok, tr, gl = _distinct_word_dag(3, L, c)
+    samples = sample_dag(
+        tok, tr, gl, num_samples=N_DRAWS, temperature=0.1, top_p=0.5, top_tokens=c,
+        mode="paper", generator=_gen(0), special_ids=SPECIALS, pad_id=PAD,
+    )  # fmt: skip
+    wrong = _exact_token_sequences(
+        loop_candidate_probs_mode(tok[0], tr[0], L, 0.8, 0.7, c, "log"), tok[0], L, c
+    )
+    counts = Counter(
+        tuple(_row(row, n))
+        for row, n in zip(samples.tokens[0].tolist(), samples.lengths[0].tolist(), strict=True)
+    )
+    stat, dof = _chi2(counts, wrong, N_DRAWS)
+    assert stat > 5 * _chi2_upper(max(dof, 1))
+
+
+def _mode_sample(tok, tr, gl, k, temperature, top_p, mode, seed, top_tokens=1):
+    return sample_dag(
+        tok,
+        tr,
+        gl,
+        num_samples=k,
+        temperature=temperature,
+        top_p=top_p,
+        top_tokens=top_tokens,
+        mode=mode,
+        generator=_gen(seed),
+        special_ids=SPECIALS,
+        pad_id=PAD,
+    )
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paper_mode_at_zero_temperature_is_the_argmax_walk_of_its_scores(top_p, seed):
+    tok, tr, gl = _wordy_dag(seed, [8, 3, 6], 8, torch.float32)
+    zero = _mode_sample(tok, tr, gl, 5, 0.0, top_p, "paper", seed)
+    tiny = _mode_sample(tok, tr, gl, 5, 1e-6, top_p, "paper", seed + 1)
+    for b, Lb in enumerate(gl.tolist()):
+        steps = loop_candidate_probs_mode(tok[b], tr[b], Lb, 0.0, top_p, 1, "paper")
+        path = [0]
+        while path[-1] != Lb - 1:
+            ((j, _),) = steps[path[-1]]
+            path.append(j)
+        for k in range(5):
+            assert _strip(zero.paths[b, k].tolist(), Lb) == tuple(path)
+            assert _strip(tiny.paths[b, k].tolist(), Lb) == tuple(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dat_mode_at_zero_temperature_walks_the_best_transitions(seed):
+    tok, tr, gl = _wordy_dag(seed, [8, 3, 6], 8, torch.float32)
+    samples = _mode_sample(tok, tr, gl, 6, 0.0, 0.9, "dat", seed, top_tokens=3)
+    for b, Lb in enumerate(gl.tolist()):
+        path = [0]
+        while path[-1] != Lb - 1:
+            path.append(int(tr[b, path[-1]].argmax()))
+        for k in range(6):
+            assert _strip(samples.paths[b, k].tolist(), Lb) == tuple(path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_is_reproducible_per_seed(mode):
+    torch.manual_seed(0)
+    gl = torch.tensor([8, 5, 7])
+    tok, tr = random_dag(3, 8, gl, V)
+    a = _mode_sample(tok, tr, gl, 16, 0.5, 0.9, mode, 3, top_tokens=2)
+    b = _mode_sample(tok, tr, gl, 16, 0.5, 0.9, mode, 3, top_tokens=2)
+    for name, x, y in zip(DagSamples._fields, a, b, strict=True):
+        assert torch.equal(x, y), name
+    c = _mode_sample(tok, tr, gl, 16, 0.5, 0.9, mode, 4, top_tokens=2)
+    assert a.paths.shape != c.paths.shape or not torch.equal(a.paths, c.paths)
+
+
+def test_default_mode_is_log_and_unknown_modes_raise():
+    torch.manual_seed(0)
+    gl = torch.tensor([6, 4])
+    tok, tr = random_dag(2, 6, gl, V)
+    a = _sample(tok, tr, gl, 8, 0.7, 0.8, seed=5, top_tokens=2)
+    b = _mode_sample(tok, tr, gl, 8, 0.7, 0.8, "log", 5, top_tokens=2)
+    for name, x, y in zip(DagSamples._fields, a, b, strict=True):
+        assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="sampler mode 'bogus'"):
+        sampling_distribution(tok, tr, temperature=1.0, top_p=1.0, mode="bogus")
+
+
+def test_paper_mode_at_the_papers_temperatures_gives_diverse_samples():
+    # The issue: on the log scale tau = 0.05 is greedy; on Algorithm 2's probability scale the
+    # same tau keeps several hypotheses. Both measured on one flat random DAG.
+    tok, tr, gl = _flat_dag(2, [12], 12)
+    distinct = {}
+    for mode in ("log", "paper"):
+        s = _mode_sample(tok.float(), tr.float(), gl, 128, 0.05, 0.5, mode, 0)
+        distinct[mode] = len({tuple(p) for p in s.paths[0].tolist()})
+    assert distinct["paper"] > distinct["log"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The DAT sample decoder: sampler mode and marginal rerank
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sample_decoder_passes_the_mode_and_reranks_by_the_marginal(mode):
+    from conftest import make_batch, make_model
+
+    from codat.config import DecodeConfig
+    from codat.data import BOS_ID, EOS_ID
+    from codat.generate import dat_sample_decoder, draw_samples, marginal_scores
+    from codat.objectives import log_softmax_fp32
+
+    model = make_model("dat").eval()
+    b = make_batch([4, 6, 3], [3, 3, 3])
+    dc = DecodeConfig(decoder="sample", samples=6, temperature=0.5, top_p=0.9, sampler=mode)
+    with torch.no_grad():
+        out = model(b.src_ids, b.src_lens)
+        drawn = draw_samples(out, dc, _gen(7))
+        want = sample_dag(
+            log_softmax_fp32(out.token_logits),
+            out.trans_logp,
+            out.graph_lens,
+            num_samples=6,
+            temperature=0.5,
+            top_p=0.9,
+            mode=mode,
+            generator=_gen(7),
+            special_ids=SPECIALS,
+            pad_id=PAD,
+        )
+        for name, x, y in zip(DagSamples._fields, drawn, want, strict=True):
+            assert torch.equal(x, y), name
+        marginal = marginal_scores(out, drawn)
+        tok = log_softmax_fp32(out.token_logits).double()
+        for bi in range(3):  # the marginal of each sample, one DP (dag.py) at a time
+            for k in range(6):
+                ids = [BOS_ID, *_row(drawn.tokens[bi, k].tolist(), int(drawn.lengths[bi, k]))]
+                ids.append(EOS_ID)
+                ll = dag_log_likelihood(
+                    tok[bi, :, ids].unsqueeze(0),
+                    out.trans_logp[bi : bi + 1].double(),
+                    out.graph_lens[bi : bi + 1],
+                    torch.tensor([len(ids)]),
+                )
+                assert float(marginal[bi, k]) == pytest.approx(float(ll[0]) / len(ids), abs=1e-4)
+        by_marginal = replace(dc, rerank="marginal")
+        got = dat_sample_decoder(model, b.src_ids, b.src_lens, by_marginal, _gen(7))
+    best = pick_best(drawn, marginal, pad_id=PAD)
+    assert torch.equal(got, best)

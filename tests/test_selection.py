@@ -320,3 +320,78 @@ def test_sample_term_is_zero_when_no_sentence_passes_the_gate():
     assert len(selected.chosen.rows) == 0 and selected.gate_fraction == 0.0
     loss, stats = sample_term(None, selected, objective="codat", margin=0.01, tie=0.0)
     assert loss.item() == 0.0 and stats["cl_loss"] == 0.0 and stats["gate_pass"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# codat.filter score: the kept samples ranked by the model's length-normalised log q
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("count", [1, 3, 10, 30])
+def test_choose_samples_by_filter_key_matches_loop_in_order(seed, count):
+    tokens, lengths, rewards, gate = _random_case(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    key = (-3 * torch.rand(rewards.shape, generator=g, dtype=torch.float64)).round(decimals=1)
+    key[0, 0], key[0, 1] = float("-inf"), float("nan")  # no path; NaN counts as -inf
+    duplicates = duplicate_mask(tokens, lengths, pad_id=PAD_ID)
+    got = choose_samples(
+        tokens, lengths, rewards, duplicates, gate, objective="codat", count=count, filter_key=key
+    )
+    loop_key = torch.nan_to_num(key, nan=float("-inf")).tolist()
+    want = loop_choose_samples(loop_key, duplicates.tolist(), gate.tolist(), "codat", count)
+    assert got.rows.tolist() == [b for b, _ in want]
+    for r, (b, idx) in enumerate(want):  # the exact order: distinct first, ties by index
+        assert got.rewards[r].tolist() == rewards[b, idx].tolist()
+        assert got.lengths[r].tolist() == lengths[b, idx].tolist()
+        assert got.distinct[r].tolist() == [not bool(duplicates[b, j]) for j in idx]
+
+
+def test_filter_key_changes_which_samples_codat_keeps():
+    tokens = torch.tensor([[[4], [5], [6], [7]]])
+    lengths = torch.ones(1, 4, dtype=torch.long)
+    rewards = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    key = torch.tensor([[-3.0, -0.5, -2.0, -1.0]])  # the model prefers samples 1 and 3
+    none = torch.zeros(1, 4, dtype=torch.bool)
+    gate = torch.tensor([True])
+    by_reward = choose_samples(tokens, lengths, rewards, none, gate, objective="codat", count=2)
+    by_score = choose_samples(
+        tokens, lengths, rewards, none, gate, objective="codat", count=2, filter_key=key
+    )
+    assert sorted(by_reward.tokens[0, :, 0].tolist()) == [4, 6]
+    assert by_score.tokens[0, :, 0].tolist() == [5, 7]
+
+
+def test_sample_term_options_use_the_appendix_losses():
+    from codat.objectives import reverse_kl_reward_loss, sentence_contrastive_loss
+
+    tokens, lengths, rewards, _ = _random_case(3)
+    ref_loss = torch.linspace(0.5, 3.0, tokens.shape[0])
+    for objective in ("codat", "reward"):
+        selected = select_samples(
+            tokens, lengths, rewards, ref_loss, objective=objective, count=4, alpha=2.0,
+            pad_id=PAD_ID,
+        )  # fmt: skip
+        chosen = selected.chosen
+        frac = len(chosen.rows) / tokens.shape[0]
+        scores = (-chosen.rewards).to(torch.bfloat16).requires_grad_()
+        target_lens = chosen.lengths + 2
+        loss, _ = sample_term(
+            scores, selected, objective=objective, margin=0.01, tie=0.001,
+            pair_average="sentence", reward_temperature=0.5, target_lens=target_lens,
+        )  # fmt: skip
+        s32 = scores.float()
+        if objective == "codat":
+            want = sentence_contrastive_loss(
+                s32, chosen.rewards, margin=0.01, mask=chosen.distinct, tie=0.001,
+                pair_average="sentence",
+            )  # fmt: skip
+        else:
+            want = reverse_kl_reward_loss(s32 * target_lens, chosen.rewards, temperature=0.5)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, want * frac)
+        if objective == "reward":
+            with pytest.raises(ValueError, match="target_lens"):
+                sample_term(
+                    scores, selected, objective="reward", margin=0.01, tie=0.0,
+                    reward_temperature=0.5,
+                )  # fmt: skip

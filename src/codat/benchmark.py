@@ -9,7 +9,11 @@ same run, forward only and forward + backward, and checks that they agree in val
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -154,6 +158,51 @@ def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | N
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _vm_hwm_kib() -> int:
+    """This process's peak resident set size in KiB (VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def _peak_rss_child(path: str, name: str, threads: int) -> None:
+    """In a fresh process: print the growth of the peak resident set size (MiB) over one
+    forward + backward of `name` ("codat" or "naive") on the inputs saved at `path`."""
+    torch.set_num_threads(threads)
+    fn = {"codat": dag_log_likelihood, "naive": naive_dag_log_likelihood}[name]
+    inputs = torch.load(path)
+    _forward_backward_job(fn, make_dag_inputs(1, 2, 4))()  # pages in the code paths first
+    job = _forward_backward_job(fn, inputs)  # the input copies and their grads count as base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set size
+    before = _vm_hwm_kib()
+    job()
+    print((_vm_hwm_kib() - before) / 1024.0)
+
+
+def _peak_rss_mb(inputs: DagInputs, threads: int) -> dict[str, float]:
+    """Peak CPU memory of one forward + backward per function, measured honestly despite torch's
+    own allocator being invisible to tracemalloc: each function runs once in its own subprocess,
+    and the result is how far that process's peak resident set size (Linux VmHWM, reset just
+    before the call) rose during the call (inputs loaded, gradient buffers not yet allocated).
+    It counts every page torch touched at the peak (temporaries, saved tensors, gradients);
+    freed heap pages that the allocator reuses are not counted twice. Linux only.
+    (ru_maxrss would not do: it keeps the parent's peak across fork + exec.)"""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "inputs.pt")
+        torch.save(inputs, path)
+        for name in ("naive", "codat"):
+            code = (
+                "from codat.benchmark import _peak_rss_child; "
+                f"_peak_rss_child({path!r}, {name!r}, {threads})"
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            )
+            out[name] = float(done.stdout.split()[-1])
+    return out
+
+
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b|, counting equal infinities as equal and any other mismatch of non-finite values
     as infinite."""
@@ -238,6 +287,7 @@ def run_dag_benchmark(
     scale: float = 1.0,
     threads: int | None = None,
     device: str = "cpu",
+    cpu_memory: bool = True,
 ) -> dict:
     """Time `dag_log_likelihood` ("codat") against `naive_dag_log_likelihood` ("naive").
 
@@ -245,8 +295,10 @@ def run_dag_benchmark(
     token_logp and trans_logp) are each timed `repeats` times after `warmup` untimed rounds, the
     four measurements interleaved within every round (with the order of the two functions
     alternating from round to round); medians are reported in milliseconds. Also returns the
-    max |difference| of values and gradients (float32), and on CUDA the peak memory of one
-    forward + backward. `scale` sharpens the inputs (`make_dag_inputs`); `threads` sets torch's
+    max |difference| of values and gradients (float32), and the peak memory of one forward +
+    backward: on CUDA the allocator's peak, on CPU (unless `cpu_memory` is False) the growth of
+    the peak resident set size in a subprocess per function (`_peak_rss_mb`). `scale` sharpens
+    the inputs (`make_dag_inputs`); `threads` sets torch's
     intra-op threads for the run (restored afterwards).
     """
     if repeats < 1:
@@ -263,9 +315,17 @@ def run_dag_benchmark(
         torch_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    memory = {
-        name: _peak_memory_mb(_forward_backward_job(fn, inputs), dev) for name, fn in fns.items()
-    }
+    if dev.type == "cuda":
+        memory = {
+            name: _peak_memory_mb(_forward_backward_job(fn, inputs), dev)
+            for name, fn in fns.items()
+        }
+        memory_kind = "CUDA max_memory_allocated above the start, one forward + backward"
+    elif cpu_memory:
+        memory = _peak_rss_mb(inputs, torch_threads)
+        memory_kind = "CPU peak RSS (VmHWM) growth over one forward + backward, own process"
+    else:
+        memory, memory_kind = None, None
     token_logp, _, graph_lens, target_lens = inputs
     return {
         "batch_size": batch_size,
@@ -291,7 +351,8 @@ def run_dag_benchmark(
             med[("forward_backward", "naive")] / med[("forward_backward", "codat")]
         ),
         **_agreement(fns, inputs),
-        "peak_memory_mb": memory if dev.type == "cuda" else None,
+        "peak_memory_mb": memory,
+        "peak_memory_kind": memory_kind,
     }
 
 
@@ -320,6 +381,7 @@ def format_dag_report(result: dict) -> str:
         lines.append(
             f"{'peak memory MB':<18}{memory['naive']:>12.1f}{memory['codat']:>12.1f}{ratio:>10.2f}x"
         )
+        lines.append(f"  (memory: {r.get('peak_memory_kind')})")
     lines += [
         "",
         f"max |Δ| log-likelihood   {r['max_abs_diff_value']:.3e}"

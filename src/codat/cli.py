@@ -29,6 +29,9 @@ DECODE_HELP = {
     "top_p": "sample: top-p of each sampling step",
     "top_tokens": "sample: candidate tokens per vertex",
     "rerank_token_weight": "sample: rerank score w * token score + (1 - w) * transition score",
+    "sampler": "sample: sampler mode log|paper|dat ('' = the run's codat.sampler)",
+    "rerank": "sample: pick the best sample by score (the --rerank-token-weight mix) or by "
+    "marginal (the DAG marginal log q(y)/|y|)",
     "seed": "sample / npd: random seed",
     "beam": "at: beam size",
     "length_penalty": "at: beam search length penalty",
@@ -293,6 +296,14 @@ def _add_sampling_verbs(sub) -> None:
         commands.analyze,
         "NCM and Oracle BLEU (best of K samples) on a prepared split",
         "NCM and Oracle BLEU (best of K samples) of a trained DAT on a prepared split.",
+    )
+    analyze.add_argument(
+        "--ncm-scorer",
+        metavar="AT_RUN",
+        default=None,
+        help="AT run (or checkpoint) that scores the sample decoder's outputs: reports the "
+        "paper's NCM, its NLL per token (without it, only dp_loss_per_token, the reference's "
+        "DAG loss per token)",
     )
     tune = _verb(
         sub,

@@ -195,9 +195,13 @@ def _sampling_setup(a: argparse.Namespace):
 
 def analyze(a: argparse.Namespace) -> int:
     from codat.evaluate import analyze
+    from codat.generate import Translator
 
     args, metric = _sampling_setup(a)
-    result = analyze(*args, **metric)
+    scorer = None
+    if a.ncm_scorer is not None:
+        scorer = Translator.from_dir(a.ncm_scorer, device=device_of(a))
+    result = analyze(*args, **metric, scorer=scorer)
     print(json.dumps(result, indent=2))
     _write_json(result, a.output)
     return 0

@@ -16,6 +16,9 @@ import yaml
 
 ARCHS = ("dat", "at", "nat", "glat", "ctc", "cmlm")
 OBJECTIVES = ("dp", "codat", "reward")
+# DAT sampler modes (`codat.decode.sampling_distribution`): log = log-joint scores / tau (codat's
+# original), paper = Algorithm 2/3 on the probability scale, dat = DAT v2.0's inference_sample.
+SAMPLERS = ("log", "paper", "dat")
 # Architectures whose training step can add CoDAT's sample term (train.objective codat / reward).
 SAMPLE_OBJECTIVE_ARCHS = ("dat", "nat", "glat", "ctc")
 
@@ -31,12 +34,13 @@ RESUME_MAY_CHANGE = (
     "train.keep_best",
     "train.threads",
     "train.max_skipped_steps",
+    "train.valid_decoder",
     *(
         f"decode.{k}"
         for k in (
             "decoder lookahead_token_weight viterbi_length_exponent max_tokens samples "
             "temperature top_p top_tokens rerank_token_weight seed beam length_penalty "
-            "max_len_a max_len_b length_beam noise iterations"
+            "max_len_a max_len_b length_beam noise iterations sampler rerank"
         ).split()
     ),
 )
@@ -194,6 +198,9 @@ class TrainConfig:
     # Steps whose loss or gradient is not finite are skipped (the optimizer untouched); this
     # many in a row stop the run with an error naming the step.
     max_skipped_steps: int = 10
+    # The decoder whose validation score selects checkpoints ('' = decode.decoder, the decoder
+    # that is reported); e.g. lookahead for cheap validation of a run reported with sample.
+    valid_decoder: str = ""
 
     def __post_init__(self) -> None:
         _check_ranges("train", self, _TRAIN_RANGES)
@@ -251,6 +258,17 @@ class CodatConfig:
     alpha: float = 0.0  # DP-loss gate; 0 = the init model's mean validation loss (set at start)
     reward_samples: int = 32  # reward: samples per sentence that carry the gradient
     eval_sentences: int = 0  # validation contrastive loss on this many sentences (0 = off)
+    # DAT sampler of training samples (log | paper | dat, see SAMPLERS); decode.sampler '' follows.
+    sampler: str = "log"
+    # codat: which top `keep` fraction is ranked: reward (best sentence BLEU, today) or score
+    # (best length-normalised DAG marginal log q(y)/|y|, the likelihood the paper motivates).
+    filter: str = "reward"
+    # codat: eq. 10's pair losses averaged over all valid pairs of the batch (pooled) or first per
+    # sentence, then over the sentences with a pair (sentence, Appendix C).
+    pair_average: str = "pooled"
+    # reward: 0 = REINFORCE on R - mean(R); > 0 = Appendix A's reverse KL, advantage
+    # R / reward_temperature - log q (minus its mean); R in [0, 1].
+    reward_temperature: float = 0.0
 
     def __post_init__(self) -> None:
         if self.samples < 2 or not 0 < self.keep <= 1:
@@ -265,6 +283,11 @@ class CodatConfig:
         if self.reward_samples < 1 or self.alpha < 0 or self.noise < 0:
             raise ValueError("codat.reward_samples must be >= 1, codat.alpha and codat.noise >= 0")
         _check_ranges("codat", self, _CODAT_RANGES)
+        for key, choices in _CODAT_CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(
+                    f"codat.{key}='{getattr(self, key)}': choose one of {', '.join(choices)}"
+                )
 
     @property
     def kept(self) -> int:
@@ -289,6 +312,12 @@ _CODAT_RANGES = {
     "weight": {"low": 0},
     "alpha": {"low": 0},
     "eval_sentences": {"low": 0},
+    "reward_temperature": {"low": 0},
+}
+_CODAT_CHOICES = {
+    "sampler": SAMPLERS,
+    "filter": ("reward", "score"),
+    "pair_average": ("pooled", "sentence"),
 }
 
 
@@ -309,6 +338,11 @@ class DecodeConfig:
     top_p: float = 0.5
     top_tokens: int = 1  # candidate tokens per vertex (1 = the paper's Algorithm 2)
     rerank_token_weight: float = 0.5
+    # sample: the sampler mode (log | paper | dat); '' = codat.sampler, the training sampler.
+    sampler: str = ""
+    # sample: pick the best sample by score (the rerank_token_weight mix) or by marginal (the
+    # DAG's length-normalised log q(y)/|y|, summed over all paths that emit y).
+    rerank: str = "score"
     seed: int = 1
     # at: beam search (fairseq's defaults), the length limit floor(max_len_a * m + max_len_b)
     beam: int = 5
@@ -342,11 +376,19 @@ DECODE_RANGES = {
 }
 
 
+# The valid choices of each DecodeConfig string field but `decoder` (`check_decode`).
+DECODE_CHOICES = {"sampler": ("", *SAMPLERS), "rerank": ("score", "marginal")}
+
+
 def check_decode(dc: DecodeConfig, name=lambda field: f"decode.{field}") -> None:
     """Raise ValueError unless every field of `dc` is in range; `name(field)` names the field
     in the message (the config key, or the command-line flag)."""
     for key, bounds in DECODE_RANGES.items():
         check_range(name(key), getattr(dc, key), **bounds)
+    for key, choices in DECODE_CHOICES.items():
+        if getattr(dc, key) not in choices:
+            shown = ", ".join(repr(c) if c == "" else c for c in choices)
+            raise ValueError(f"{name(key)}='{getattr(dc, key)}': choose one of {shown}")
 
 
 @dataclass(frozen=True)
@@ -360,6 +402,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_decode(self.decode)
+        # One setting drives training and inference: decode.sampler '' takes codat.sampler when
+        # the config is built ('' itself samples as log, the default of both).
+        if self.decode.sampler == "" and self.codat.sampler != "log":
+            resolved = dataclasses.replace(self.decode, sampler=self.codat.sampler)
+            object.__setattr__(self, "decode", resolved)
         arch, tc = self.model.arch, self.train
         if arch == "nat" and (tc.glance_start > 0 or tc.glance_end > 0):
             raise ValueError(

@@ -294,6 +294,10 @@ def ctc_codat_term(
         logp = log_softmax_fp32(out.token_logits.detach())
         ll = ctc_log_likelihood(logp, out.out_lens, ref_ids, ref_lens)
         rewards = sentence_bleu(tokens, lengths, ref_ids, ref_lens).float() / 100
+    filter_key = None
+    if codat.filter == "score":  # rank by the model's CTC marginal instead of the reward
+        with torch.no_grad():
+            filter_key = ctc_output_scores(out.token_logits.detach(), out.out_lens, tokens, lengths)
     selected = select_samples(
         tokens,
         lengths,
@@ -302,6 +306,7 @@ def ctc_codat_term(
         objective=objective,
         count=codat.per_sentence(objective),
         alpha=alpha,
+        filter_key=filter_key,
         pad_id=PAD_ID,
     )
     scores, chosen = None, selected.chosen
@@ -310,7 +315,16 @@ def ctc_codat_term(
         scores = ctc_output_scores(
             out.token_logits[rows], out.out_lens[rows], chosen.tokens, chosen.lengths
         )  # (b, k), with grad
-    return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)
+    return sample_term(
+        scores,
+        selected,
+        objective=objective,
+        margin=codat.margin,
+        tie=codat.tie,
+        pair_average=codat.pair_average,
+        reward_temperature=codat.reward_temperature,
+        target_lens=None if scores is None else chosen.lengths.clamp(min=1),
+    )
 
 
 def ctc_sequence_scores(

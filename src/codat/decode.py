@@ -178,6 +178,9 @@ class DagSamples(NamedTuple):
     token_score: torch.Tensor  # (B, K): sum of max_v log P(v | a_t) over the path's vertices
 
 
+SAMPLERS = ("log", "paper", "dat")
+
+
 def sampling_distribution(
     token_logp: torch.Tensor,  # (B, L, V)
     trans_logp: torch.Tensor,  # (B, L, L)
@@ -185,44 +188,113 @@ def sampling_distribution(
     temperature: float,
     top_p: float,
     top_tokens: int = 1,
+    mode: str = "log",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, L, L * c), (B, L, c), (B, L, c)
-    """CoDAT Algorithm 2, lines 2-5: the distribution over (next vertex, its token) of every vertex.
+    """The distribution over (next vertex, its token) of every vertex, for one sampler `mode`.
 
     Candidates of vertex i are the pairs (j, v) of a successor j and one of the `top_tokens` (c)
-    most likely tokens v of j, scored P = E[i, j] + log P(v | j) (c = 1: the vertex's best token,
-    the paper's Algorithm 2; c > 1 also samples the token, as DAT v2.0's sampler does). Per row,
-    keep the smallest set of candidates whose softmax(P) mass reaches `top_p` (the top one
-    always), then softmax(P / tau) over that set; tau = 0 gives the argmax (the lookahead walk).
-    Rows without successors (the last vertex and padding) put all mass on candidate 0; a walk
-    never reads them. Candidate index = j * c + (rank of v). Returns the row-stochastic matrix
-    and the candidate tokens' log-probs and ids.
+    most likely tokens v of j (c = 1: the vertex's best token, the paper's Algorithm 2).
+    Candidate index = j * c + (rank of v). Modes (method.md §9.5; tau = `temperature`):
+
+    - log: P = E[i, j] + log P(v | j) on the log scale; keep the smallest set whose softmax(P)
+      mass reaches `top_p` (the top one always), then softmax(P / tau) over that set.
+    - paper: Algorithm 2/3 literally, on the probability scale: t = P(v | j) normalised by its sum
+      over the sentence's vertices (and their c tokens), P = exp(E[i, j]) + t; keep the smallest
+      set whose share of the row sum of P reaches `top_p`, then softmax(P / tau) over it.
+      Impossible transitions (E = -inf) stay impossible.
+    - dat: DAT v2.0's `inference_sample` without its n-gram bans and with beta = 1:
+      S = log_softmax(E[i] / tau)[j] + log P(v | j) (tau on the transitions only); keep the c best
+      candidates of the row, then those while the mass exp(S) before them is <= top_p, and draw
+      proportionally to exp(S) (no further temperature).
+
+    tau = 0 is the limit: the argmax of P (log, paper) or the argmax transition (dat, whose tokens
+    stay random). Rows without successors (the last vertex and padding) put all mass on candidate
+    0; a walk never reads them. Returns the row-stochastic matrix and the candidate tokens'
+    log-probs and ids.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_tokens < 1:
         raise ValueError(
             f"need temperature >= 0, 0 < top_p <= 1 and top_tokens >= 1, got {temperature}, "
             f"{top_p}, {top_tokens}"
         )
+    if mode not in SAMPLERS:
+        raise ValueError(f"sampler mode '{mode}': choose one of {', '.join(SAMPLERS)}")
     B, L, _ = trans_logp.shape
     if top_tokens > token_logp.shape[-1]:
         raise ValueError(f"top_tokens={top_tokens} exceeds the vocabulary ({token_logp.shape[-1]})")
     cand_logp, cand_ids = token_logp.float().topk(top_tokens, dim=-1)  # (B, L, c)
-    joint = (trans_logp.float().unsqueeze(-1) + cand_logp.unsqueeze(1)).reshape(
-        B, L, L * top_tokens
-    )
-    has_next = torch.isfinite(joint).any(dim=-1, keepdim=True)  # (B, L, 1)
-    joint = torch.where(has_next, joint, torch.zeros_like(joint))  # no NaN from all -inf rows
-    if temperature == 0:
-        probs = torch.nn.functional.one_hot(joint.argmax(-1), joint.shape[-1]).to(joint.dtype)
+    if mode == "paper":
+        probs = _paper_probs(cand_logp, trans_logp.float(), temperature, top_p)
+    elif mode == "dat":
+        probs = _dat_probs(cand_logp, trans_logp.float(), temperature, top_p)
     else:
-        sorted_p, order = torch.softmax(joint, dim=-1).sort(dim=-1, descending=True)
-        # Keep a candidate while the mass before it is below top_p: the first crossing stays.
-        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
-        keep_sorted[..., 0] = True
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = torch.softmax((joint / temperature).masked_fill(~keep, float("-inf")), dim=-1)
+        probs = _log_probs(cand_logp, trans_logp.float(), temperature, top_p)
+    has_next = torch.isfinite(trans_logp).any(dim=-1, keepdim=True)  # (B, L, 1)
     first = torch.zeros_like(probs)
     first[..., 0] = 1
     return torch.where(has_next, probs, first), cand_logp, cand_ids
+
+
+def _top_p_keep(mass: torch.Tensor, top_p: float, *, inclusive: bool) -> torch.Tensor:
+    """Per row, the candidates kept by top-p: sorted by `mass` (B, L, C) descending, a candidate
+    stays while the mass before it is < top_p (<= when `inclusive`); the top one always."""
+    sorted_m, order = mass.sort(dim=-1, descending=True)
+    before = sorted_m.cumsum(-1) - sorted_m
+    keep_sorted = before <= top_p if inclusive else before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _tempered(score: torch.Tensor, allowed: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(score / tau) over `allowed` (B, L, C); tau = 0: one-hot of the allowed argmax."""
+    score = score.masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return torch.nn.functional.one_hot(score.argmax(-1), score.shape[-1]).to(score.dtype)
+    return torch.softmax(score / temperature, dim=-1)
+
+
+def _log_probs(cand_logp, trans, temperature, top_p) -> torch.Tensor:  # (B, L, L * c)
+    B, L, c = cand_logp.shape
+    joint = (trans.unsqueeze(-1) + cand_logp.unsqueeze(1)).reshape(B, L, L * c)
+    has_next = torch.isfinite(joint).any(dim=-1, keepdim=True)  # (B, L, 1)
+    joint = torch.where(has_next, joint, torch.zeros_like(joint))  # no NaN from all -inf rows
+    if temperature == 0:
+        return torch.nn.functional.one_hot(joint.argmax(-1), joint.shape[-1]).to(joint.dtype)
+    keep = _top_p_keep(torch.softmax(joint, dim=-1), top_p, inclusive=False)
+    return torch.softmax((joint / temperature).masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def _paper_probs(cand_logp, trans, temperature, top_p) -> torch.Tensor:  # (B, L, L * c)
+    B, L, c = cand_logp.shape
+    edge = torch.isfinite(trans)  # (B, L, L)
+    # A vertex belongs to the graph when it is vertex 0 or some edge enters it.
+    real = edge.any(dim=1)
+    real[:, 0] = True
+    t = cand_logp.exp() * real.unsqueeze(-1)  # (B, L, c)
+    t = t / t.sum(dim=(1, 2), keepdim=True)  # Algorithm 2 line 2: t = t / SUM(t)
+    score = (trans.exp().unsqueeze(-1) + t.unsqueeze(1)).reshape(B, L, L * c)  # line 3
+    allowed = edge.unsqueeze(-1).expand(B, L, L, c).reshape(B, L, L * c)
+    mass = score * allowed
+    keep = _top_p_keep(mass / mass.sum(-1, keepdim=True).clamp(min=1e-30), top_p, inclusive=False)
+    return _tempered(score, allowed & keep, temperature)  # lines 4-5
+
+
+def _dat_probs(cand_logp, trans, temperature, top_p) -> torch.Tensor:  # (B, L, L * c)
+    B, L, c = cand_logp.shape
+    edge = torch.isfinite(trans)
+    safe = torch.where(edge.any(-1, keepdim=True), trans, torch.zeros_like(trans))
+    if temperature == 0:
+        best = torch.nn.functional.one_hot(safe.argmax(-1), L).bool()
+        trans_t = torch.zeros_like(trans).masked_fill(~best, float("-inf"))
+    else:
+        trans_t = torch.log_softmax(safe / temperature, dim=-1).masked_fill(~edge, float("-inf"))
+    score = (trans_t.unsqueeze(-1) + cand_logp.unsqueeze(1)).reshape(B, L, L * c)
+    top_score, top_idx = score.topk(c, dim=-1)  # DAT keeps top_cand_n joint candidates
+    mass = top_score.exp()  # (B, L, c)
+    keep = _top_p_keep(mass, top_p, inclusive=True)
+    kept = mass * keep
+    kept = kept / kept.sum(-1, keepdim=True).clamp(min=1e-30)
+    return torch.zeros_like(score).scatter(-1, top_idx, kept)
 
 
 def sample_dag(
@@ -237,6 +309,7 @@ def sample_dag(
     special_ids: tuple[int, ...],
     pad_id: int,
     top_tokens: int = 1,
+    mode: str = "log",
 ) -> DagSamples:
     """Draw `num_samples` paths per sentence (CoDAT Algorithms 2/3), all walkers in one tensor.
 
@@ -245,7 +318,8 @@ def sample_dag(
     `multinomial` call for everything) and then following those pointers is an exact sample of
     Algorithm 2's walk. The walk is one gather per step for all B * K walkers. Vertex 0 shows its
     best token (<s>, dropped by the collapse) and the last vertex its drawn token (</s>), as in the
-    other decoders. `token_score` sums the log-probs of the emitted vertex tokens.
+    other decoders. `token_score` sums the log-probs of the emitted vertex tokens. `mode` picks
+    the step distribution (`sampling_distribution`: log, paper or dat).
     """
     _check(token_logp, trans_logp, graph_lens)
     if num_samples < 1:
@@ -258,7 +332,7 @@ def sample_dag(
             empty.unsqueeze(-1), empty, empty.unsqueeze(-1), empty, empty.float(), empty.float()
         )
     probs, cand_logp, cand_ids = sampling_distribution(
-        token_logp, trans_logp, temperature=temperature, top_p=top_p, top_tokens=c
+        token_logp, trans_logp, temperature=temperature, top_p=top_p, top_tokens=c, mode=mode
     )
     draw = torch.multinomial(probs.view(B * L, L * c), K, replacement=True, generator=generator)
     draw = draw.view(B, L, K)

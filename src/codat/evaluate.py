@@ -1,8 +1,9 @@
 """Evaluation: validation during training (`Validation`: loss, CoDAT's sample statistics, BLEU
-and the selection score `data.valid_metric`), `codat analyze` (NCM and Oracle BLEU: the sampling
-space, paper §4.2) and `codat tune-beta` (the rerank token weight of sample decoding, chosen on
-validation, paper Appendix D). References are one per line (SPLIT.ref.txt) or several
-(SPLIT.refs.jsonl, when `codat prepare` found PREFIX.refs.jsonl beside the split).
+and the selection score `data.valid_metric` of `train.valid_decoder`), `codat analyze` (NCM with
+an AT scorer run, Oracle BLEU: the sampling space, paper §4.2) and `codat tune-beta` (the rerank
+token weight of sample decoding, chosen on validation, paper Appendix D). References are one per
+line (SPLIT.ref.txt) or several (SPLIT.refs.jsonl, when `codat prepare` found PREFIX.refs.jsonl
+beside the split).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import pathlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sentencepiece as spm
 import torch
@@ -108,6 +109,7 @@ class Validation:
         An unknown `decode.decoder` fails here, before a run starts, not at its first validation.
         Sources longer than `model.max_source_positions` are truncated (and counted in the log)."""
         decoder_for(cfg.model.arch, cfg.decode.decoder)
+        decoder_for(cfg.model.arch, cfg.train.valid_decoder)
         spm_path = pathlib.Path(cfg.data.dir) / "spm.model"
         data, refs = load_split(cfg.data.dir, cfg.data.valid_split)
         data, refs = first_sentences(data, refs, cfg.train.eval_max_sentences)
@@ -158,7 +160,8 @@ class Validation:
 
     def evaluate(self, core: nn.Module, cfg: RunConfig) -> dict:
         """Validation loss (no glancing), for DAT with `codat.eval_sentences` > 0 the sample
-        statistics, the corpus BLEU of the configured decoder ("valid_bleu", tokenizer
+        statistics, the corpus BLEU of `train.valid_decoder` ('' = decode.decoder, the decoder
+        that is reported; "valid_bleu", tokenizer
         `data.tokenize`), its first hypothesis ("example"), and the checkpoint selection score
         "valid_score" of `data.valid_metric` (= valid_bleu for bleu; for rouge also each ROUGE
         type as "valid_score_rouge1", ...; for chrf "valid_score_chrf")."""
@@ -168,7 +171,8 @@ class Validation:
         was_training = core.training
         core.eval()
         with torch.no_grad(), self.autocast:
-            hyp_ids = translate_ids(core, self.data.src, cfg.decode, device=self.device)
+            dc = replace(cfg.decode, decoder=cfg.train.valid_decoder or cfg.decode.decoder)
+            hyp_ids = translate_ids(core, self.data.src, dc, device=self.device)
         core.train(was_training)
         hyps = [self.sp.decode(h) for h in hyp_ids]
         bleu = corpus_bleu(hyps, self.refs, tokenize=cfg.data.tokenize).score
@@ -218,10 +222,13 @@ def analyze(
     *,
     metric: str = "bleu",
     tokenize: str = "13a",
+    scorer: Translator | None = None,
 ) -> dict:
-    """NCM = E[-log p(y|x)] / E[|y|] over the split (|y| counts <s> and </s>, as the DP loss
-    does), Oracle BLEU (corpus BLEU of the best-of-K sample per sentence by sentence BLEU against
-    the split's target), the corpus BLEU of the reranked sample (`dc.rerank_token_weight`), mean
+    """The reference's DAG loss "dp_loss_per_token" = sum -log q(y|x) / sum |y| over the split
+    (|y| counts <s> and </s>, as the DP loss does), with `scorer` (an AT run) the paper's "ncm"
+    (`ncm`: the scorer's NLL per token of the sample decoder's outputs), Oracle BLEU (corpus
+    BLEU of the best-of-K sample per sentence by sentence BLEU against the split's target), the
+    corpus BLEU of the reranked sample (`dc.rerank_token_weight`), mean
     sentence BLEU of all samples, and the mean number of distinct samples per sentence. With
     `metric` chrf or rouge, also "oracle_score" and "rerank_score": that metric of the same
     two hypothesis sets (against every reference of `refs`)."""
@@ -254,7 +261,8 @@ def analyze(
         }
     return {
         "sentences": n,
-        "ncm": nll / max(length, 1),
+        "dp_loss_per_token": nll / max(length, 1),
+        **({} if scorer is None else ncm(translator, scorer, data, dc)),
         "no_path": no_path,
         "oracle_bleu": corpus_bleu(oracle_text, refs, tokenize=tokenize).score,
         "rerank_bleu": corpus_bleu(rerank_text, refs, tokenize=tokenize).score,
@@ -267,6 +275,31 @@ def analyze(
         "top_tokens": dc.top_tokens,
         "rerank_token_weight": dc.rerank_token_weight,
     }
+
+
+@torch.no_grad()
+def ncm(translator: Translator, scorer: Translator, data: ParallelData, dc: DecodeConfig) -> dict:
+    """NCM as the paper (§4.2): decode the split with `translator`'s model and decoder `dc`, then
+    "ncm" = the `scorer` model's (an AT run with the same tokenizer) NLL per token of those
+    outputs under teacher forcing: sum over sentences of -log p(y_hat </s> | x) / sum of
+    (|y_hat| + 1), the tokens `at_sentence_loss` averages over. Also "ncm_tokens"."""
+    if scorer.model.cfg.arch != "at":
+        raise ValueError(f"--ncm-scorer: need an at run, got model.arch={scorer.model.cfg.arch}")
+    if scorer.sp.serialized_model_proto() != translator.sp.serialized_model_proto():
+        raise ValueError("--ncm-scorer: the scorer run uses another spm.model than the model")
+    hyps = translate_ids(translator.model, data.src, dc, device=translator.device)
+    outputs = ParallelData(data.src, [torch.tensor(h, dtype=torch.long) for h in hyps])
+    model, was_training = scorer.model, scorer.model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    sizes = torch.maximum(outputs.src_lens, outputs.tgt_lens)
+    for idx in token_batches(sizes, max_tokens=dc.max_tokens, shuffle=False):
+        b = outputs.collate(idx).to(scorer.device)
+        n = b.tgt_lens - 1  # y_hat and </s>
+        nll += float((at_sentence_loss(model, b).double() * n).sum())
+        tokens += int(n.sum())
+    model.train(was_training)
+    return {"ncm": nll / max(tokens, 1), "ncm_tokens": tokens}
 
 
 def tune_beta(

@@ -30,7 +30,7 @@ from codat.cmlm import mask_predict_decoder
 from codat.config import DecodeConfig, check_decode
 from codat.ctc import ctc_greedy_decoder
 from codat.dat import DagOutput
-from codat.data import EOS_ID, PAD_ID, SPECIAL_IDS, read_lines, token_batches
+from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, read_lines, token_batches
 from codat.decode import (
     DagSamples,
     greedy_decode,
@@ -41,7 +41,7 @@ from codat.decode import (
     sample_dag,
 )
 from codat.nat import nat_argmax_decoder, nat_npd_decoder
-from codat.objectives import log_softmax_fp32
+from codat.objectives import log_softmax_fp32, sample_targets, samples_log_q
 from codat.transformer import at_beam_decoder, at_greedy_decoder
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ def dat_viterbi_decoder(
 
 
 def draw_samples(out: DagOutput, dc: DecodeConfig, generator: torch.Generator | None) -> DagSamples:
-    """K = dc.samples paths per sentence (CoDAT Algorithms 2/3) with dc's temperature, top_p and
-    top_tokens."""
+    """K = dc.samples paths per sentence (CoDAT Algorithms 2/3) with dc's temperature, top_p,
+    top_tokens and sampler mode ('' = log, for configs that never resolved it)."""
     return sample_dag(
         log_softmax_fp32(out.token_logits),
         out.trans_logp,
@@ -118,9 +118,25 @@ def draw_samples(out: DagOutput, dc: DecodeConfig, generator: torch.Generator | 
         temperature=dc.temperature,
         top_p=dc.top_p,
         top_tokens=dc.top_tokens,
+        mode=dc.sampler or "log",
         generator=generator,
         special_ids=SPECIAL_IDS,
         pad_id=PAD_ID,
+    )
+
+
+def marginal_scores(out: DagOutput, samples: DagSamples) -> torch.Tensor:  # (B, K)
+    """log q(y_k | x) / |y_k| of each sample: the DAG marginal over all paths emitting <s> y </s>
+    (the DP), not only the sampled path; -inf where no path of that length exists."""
+    targets, target_lens = sample_targets(
+        samples.tokens, samples.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+    )
+    return samples_log_q(
+        log_softmax_fp32(out.token_logits),
+        out.trans_logp.float(),
+        out.graph_lens,
+        targets,
+        target_lens,
     )
 
 
@@ -132,9 +148,14 @@ def dat_sample_decoder(
     generator: torch.Generator | None,
 ) -> torch.Tensor:  # (B, T)
     """CoDAT's inference: K samples, the best by w * token score + (1 - w) * transition score,
-    each length-normalised, w = dc.rerank_token_weight."""
-    samples = draw_samples(model(src_ids, src_lens), dc, generator)
-    scores = rerank_scores(samples, beta=dc.rerank_token_weight)
+    each length-normalised, w = dc.rerank_token_weight (dc.rerank score), or by the DAG marginal
+    per token (dc.rerank marginal, `marginal_scores`)."""
+    out = model(src_ids, src_lens)
+    samples = draw_samples(out, dc, generator)
+    if dc.rerank == "marginal":
+        scores = marginal_scores(out, samples)
+    else:
+        scores = rerank_scores(samples, beta=dc.rerank_token_weight)
     return pick_best(samples, scores, pad_id=PAD_ID)
 
 
@@ -161,7 +182,16 @@ DECODER_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "lookahead": ("lookahead_token_weight",),
         "greedy": (),
         "viterbi": ("viterbi_length_exponent",),
-        "sample": ("samples", "temperature", "top_p", "top_tokens", "rerank_token_weight", "seed"),
+        "sample": (
+            "samples",
+            "temperature",
+            "top_p",
+            "top_tokens",
+            "rerank_token_weight",
+            "sampler",
+            "rerank",
+            "seed",
+        ),
     },
     "at": {
         "beam": ("beam", "length_penalty", "max_len_a", "max_len_b"),

@@ -298,6 +298,8 @@ def nat_codat_term(
         objective=objective,
         count=codat.per_sentence(objective),
         alpha=alpha,
+        # codat.filter score: the NPD candidates' own length-normalised log-probs
+        filter_key=samples.scores if codat.filter == "score" else None,
         pad_id=PAD_ID,
     )
     scores, chosen = None, selected.chosen
@@ -307,7 +309,16 @@ def nat_codat_term(
             scores = nat_sample_scores(
                 model, batch.src_ids[rows], batch.src_lens[rows], chosen.tokens, chosen.lengths
             ).float()  # (b, k), with grad
-    return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)
+    return sample_term(
+        scores,
+        selected,
+        objective=objective,
+        margin=codat.margin,
+        tie=codat.tie,
+        pair_average=codat.pair_average,
+        reward_temperature=codat.reward_temperature,
+        target_lens=None if scores is None else chosen.lengths,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,3 +216,83 @@ def sample_loss(
     if objective == "reward":
         return reinforce_loss(scores, rewards, baseline)
     raise ValueError(f"objective must be 'codat' or 'reward', got '{objective}'")
+
+
+def reverse_kl_reward_loss(
+    log_q: torch.Tensor,  # (B, K) log q(y_k | x) of the samples, with grad
+    rewards: torch.Tensor,  # (B, K) R(y, y_k) on the 0-1 scale (sentence BLEU / 100)
+    *,
+    temperature: float,
+    mask: torch.Tensor | None = None,  # (B, K) bool: samples that take part
+) -> torch.Tensor:  # scalar
+    """The "+Reward" term as the paper's Appendix A, the reverse KL(q || p_R) with
+    p_R(y') ∝ exp(R(y, y') / T), T = `temperature`: minimise E_q[log q(y') - R / T] (+ log Z).
+
+    Its gradient is E_q[(log q - R/T) grad log q] (the score function's mean is 0), estimated by
+    REINFORCE with the advantage A_k = R_k / T - log q_k (detached) minus its mean over the
+    sentence's participating samples: loss = -mean_k (A_k - mean A) * log q_k. Samples with a
+    non-finite log q (no path) or masked take no part; sentences with none add nothing. Returns
+    the mean over the participating samples.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (codat.reward_temperature)")
+    if log_q.shape != rewards.shape or log_q.dim() != 2:
+        raise ValueError(
+            f"log_q {tuple(log_q.shape)} and rewards {tuple(rewards.shape)} must match (B, K)"
+        )
+    mask, log_q = _finite_only(log_q, mask)
+    weight = mask.to(log_q.dtype)
+    advantage = (rewards.to(log_q.dtype) / temperature - log_q).detach() * weight
+    mean = advantage.sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+    terms = -((advantage - mean).detach() * log_q) * weight
+    return terms.sum() / weight.sum().clamp(min=1)
+
+
+def sentence_contrastive_loss(
+    scores: torch.Tensor,  # (B, K) length-normalised log q of each kept sample
+    rewards: torch.Tensor,  # (B, K)
+    *,
+    margin: float,
+    mask: torch.Tensor | None = None,  # (B, K) bool: samples that take part
+    tie: float = 0.0,
+    pair_average: str = "pooled",  # "pooled" or "sentence" (codat.pair_average)
+) -> torch.Tensor:  # scalar
+    """`contrastive_loss` in float32 with a choice of average (codat.pair_average).
+
+    pooled: `contrastive_loss` itself (the mean over all constrained pairs of the batch).
+    sentence: Appendix C, E_x[2 / (n (n - 1)) sum_{i > j} L_ij], i.e. per sentence the sum of its
+    pair losses over all n (n - 1) / 2 pairs of its n participating samples (pairs within `tie`
+    count with loss 0), then the mean over the sentences with n >= 2 (0 when there are none).
+    """
+    if pair_average not in ("pooled", "sentence"):
+        raise ValueError(f"pair_average='{pair_average}': choose pooled or sentence")
+    scores = scores.float()
+    if pair_average == "pooled":
+        return contrastive_loss(scores, rewards, margin=margin, mask=mask, tie=tie)
+    if scores.shape != rewards.shape or scores.dim() != 2:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and rewards {tuple(rewards.shape)} must match (B, K)"
+        )
+    loss, pair, mask = _pair_losses(scores, rewards, margin=margin, mask=mask, tie=tie)
+    n = mask.sum(1).to(scores.dtype)  # (B,) participating samples
+    has_pairs = n >= 2
+    per_sentence = loss.sum((1, 2)) / (n * (n - 1) / 2).clamp(min=1)
+    return (per_sentence * has_pairs).sum() / has_pairs.sum().clamp(min=1)
+
+
+def _pair_losses(
+    scores: torch.Tensor, rewards: torch.Tensor, *, margin: float, mask, tie: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, K, K), (B, K, K) bool, (B, K) bool
+    """The pair losses [b, i, j] of `contrastive_loss` (0 where (i, j) is no constrained pair),
+    the constrained pairs, and the participating samples."""
+    mask, scores = _finite_only(scores, mask)
+    key = torch.where(mask, rewards.double(), float("-inf"))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    gap = (rank.unsqueeze(1) - rank.unsqueeze(2)).to(scores.dtype)  # [b, i, j] = rank_j - rank_i
+    better = (rewards.unsqueeze(2) - rewards.unsqueeze(1)) > tie  # [b, i, j]: i beats j
+    pair = better & mask.unsqueeze(2) & mask.unsqueeze(1)
+    violation = scores.unsqueeze(1) - scores.unsqueeze(2) + gap * margin
+    return torch.relu(violation) * pair, pair, mask

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from codat.objectives import sample_loss
+from codat.objectives import reverse_kl_reward_loss, sample_loss, sentence_contrastive_loss
 
 
 def dp_gate(
@@ -57,11 +57,14 @@ def choose_samples(
     *,
     objective: str,  # "codat" or "reward"
     count: int,  # codat: samples kept per sentence; reward: the first `count` samples
+    filter_key: torch.Tensor | None = None,  # (B, K) codat's ranking key; None = the rewards
 ) -> ChosenSamples:
     """The samples that carry gradient, for the sentences that pass the gate.
 
-    codat keeps the `count` best by reward, distinct samples first (a duplicate only fills a slot
-    no distinct sample can); reward takes the first `count` (i.i.d.) samples."""
+    codat keeps the `count` best by reward (or by `filter_key`, e.g. the model's length-normalised
+    log q: codat.filter score), distinct samples first (a duplicate only fills a slot no distinct
+    sample can; equal keys keep the sampling order); reward takes the first `count` (i.i.d.)
+    samples."""
     if objective not in ("codat", "reward"):
         raise ValueError(f"objective must be 'codat' or 'reward', got '{objective}'")
     if count < 1:
@@ -69,7 +72,9 @@ def choose_samples(
     rows = gate.nonzero().squeeze(1)
     K = tokens.shape[1]
     k = min(count, K)
-    if objective == "codat":
+    if objective == "codat" and filter_key is not None:
+        idx = _best_distinct_first(filter_key[rows], duplicates[rows], k)
+    elif objective == "codat":
         key = torch.where(duplicates, rewards - 2.0, rewards)[rows]  # rewards lie in [0, 1]
         idx = key.topk(k, dim=1).indices  # (b, k)
     else:
@@ -84,6 +89,20 @@ def choose_samples(
         rewards[rows].gather(1, idx),
         ~duplicates[rows].gather(1, idx),
     )
+
+
+def _best_distinct_first(
+    key: torch.Tensor,  # (b, K) larger is better; NaN counts as -inf
+    duplicates: torch.Tensor,  # (b, K) bool
+    k: int,
+) -> torch.Tensor:  # (b, k)
+    """The indices of the k best samples by `key`, distinct ones before duplicates, ties in
+    index order (two stable sorts: by key, then by duplicate flag)."""
+    key = torch.nan_to_num(key.float(), nan=float("-inf"))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    dup_sorted = duplicates.gather(1, order).to(torch.int8)
+    order = order.gather(1, dup_sorted.argsort(dim=1, stable=True))
+    return order[:, :k]
 
 
 def sample_stats(
@@ -118,14 +137,22 @@ def select_samples(
     count: int,  # codat: samples kept per sentence; reward: the first `count`
     alpha: float,  # the DP-loss gate
     pad_id: int,
+    filter_key: torch.Tensor | None = None,  # (B, K) codat.filter score: log q / |y| of all K
 ) -> Selected:
-    """CoDAT's selection, without grad: `dp_gate`, `duplicate_mask`, `choose_samples`, and the
-    statistics that the training log shows."""
+    """CoDAT's selection, without grad: `dp_gate`, `duplicate_mask`, `choose_samples` (ranked by
+    reward, or by `filter_key` when given), and the statistics that the training log shows."""
     with torch.no_grad():
         gate = dp_gate(ref_loss, alpha=alpha)
         duplicates = duplicate_mask(tokens, lengths, pad_id=pad_id)
         chosen = choose_samples(
-            tokens, lengths, rewards, duplicates, gate, objective=objective, count=count
+            tokens,
+            lengths,
+            rewards,
+            duplicates,
+            gate,
+            objective=objective,
+            count=count,
+            filter_key=filter_key,
         )
         baseline = rewards[chosen.rows].mean(1)
     return Selected(
@@ -140,24 +167,48 @@ def sample_term(
     objective: str,  # "codat" or "reward"
     margin: float,
     tie: float,
+    pair_average: str = "pooled",  # codat.pair_average
+    reward_temperature: float | None = None,  # reward: Appendix A's T; None = plain REINFORCE
+    target_lens: torch.Tensor | None = None,  # (b, k) what `scores` were normalised by
 ) -> tuple[torch.Tensor, dict[str, float]]:  # scalar, stats
     """`objectives.sample_loss` of the chosen samples, scaled by the fraction of sentences through
     the gate (the others add 0, as in the DP loss's mean); exactly 0 when none passed (then
-    `scores` is None). Adds "cl_loss" (codat) or "reward_loss" (reward) to the statistics."""
+    `scores` is None). Adds "cl_loss" (codat) or "reward_loss" (reward) to the statistics.
+
+    Options: codat with `pair_average` sentence averages the pairs per sentence first
+    (`objectives.sentence_contrastive_loss`); reward with a `reward_temperature` is the reverse KL
+    of Appendix A (`objectives.reverse_kl_reward_loss`) on log q = scores * target_lens. Scores
+    are taken in at least float32."""
     stats = dict(selected.stats)
     key = "cl_loss" if objective == "codat" else "reward_loss"
     chosen = selected.chosen
     if scores is None or len(chosen.rows) == 0:
         stats[key] = 0.0
         return chosen.rewards.new_zeros(()), stats
-    loss = sample_loss(
-        scores,
-        chosen.rewards,
-        chosen.distinct,
-        selected.baseline,
-        objective=objective,
-        margin=margin,
-        tie=tie,
-    )
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # at least float32
+    if objective == "codat" and pair_average != "pooled":
+        loss = sentence_contrastive_loss(
+            scores,
+            chosen.rewards,
+            margin=margin,
+            mask=chosen.distinct,
+            tie=tie,
+            pair_average=pair_average,
+        )
+    elif objective == "reward" and reward_temperature:  # None or 0: plain REINFORCE
+        if target_lens is None:
+            raise ValueError("reward_temperature needs target_lens (to undo the normalisation)")
+        log_q = scores * target_lens.to(scores.dtype)
+        loss = reverse_kl_reward_loss(log_q, chosen.rewards, temperature=reward_temperature)
+    else:
+        loss = sample_loss(
+            scores,
+            chosen.rewards,
+            chosen.distinct,
+            selected.baseline,
+            objective=objective,
+            margin=margin,
+            tie=tie,
+        )
     stats[key] = float(loss.detach())
     return loss * selected.gate_fraction, stats
