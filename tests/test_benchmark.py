@@ -153,7 +153,10 @@ def test_main_dag_prints_report_and_writes_json(tmp_path, capsys):
 
 def test_run_decode_benchmark_takes_turns_and_reports_ratios():
     calls: list[tuple[str, str]] = []
-    jobs = {name: (lambda s, name=name: calls.append((name, s))) for name in ("a", "b")}
+    jobs = {
+        name: (lambda batch, name=name: calls.extend((name, s) for s in batch))
+        for name in ("a", "b")
+    }
     result = run_decode_benchmark(jobs, ["x", "y"], repeats=2, warmup=1)
     # Warm-up: each job on the first sentence; then pass 1 in order a, b and pass 2 in b, a.
     assert calls == [("a", "x"), ("b", "x")] + [

@@ -347,7 +347,7 @@ def _add_benchmark(sub) -> None:
         "latency and speed-up of every model's decoders",
         allow_abbrev=False,
     )
-    kinds = bench.add_subparsers(dest="kind", metavar="{dag,decode,speed}", required=True)
+    kinds = bench.add_subparsers(dest="kind", metavar="{dag,decode,speed,train}", required=True)
     p = _verb(
         kinds, "dag", commands.benchmark_dag, "time the DAG forward algorithm vs a dense reference"
     )
@@ -392,12 +392,39 @@ def _add_benchmark(sub) -> None:
     speed.add_argument("--samples", type=int, default=128, help="dat sample / npd candidates")
     speed.add_argument("--iterations", default="1,4,10", help="cmlm mask-predict iterations")
     for q in (decode, speed):
+        q.add_argument(
+            "--batch-size",
+            type=int,
+            default=1,
+            help="sentences per decoding call (1 = the paper's latency protocol)",
+        )
+        q.add_argument(
+            "--bf16", action="store_true", help="also time every row under bf16 autocast"
+        )
         q.add_argument("--input", "-i", required=True, help="source text, one sentence per line")
         q.add_argument("--max-sentences", type=int, default=200, help="first N lines (0 = all)")
         q.add_argument("--repeats", type=int, default=3, help="passes over the sentences")
     for q in (p, decode, speed):
         _add_device(q)
         q.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
+    train = _verb(
+        kinds,
+        "train",
+        commands.benchmark_train,
+        "the DAT training step with its speed settings off vs on: same batches, one process",
+    )
+    train.add_argument("config", help="DAT config YAML or shipped recipe name")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.dir=data-bin")
+    train.add_argument("--batches", type=int, default=4, help="batches per timed pass (default 4)")
+    train.add_argument(
+        "--repeats", type=int, default=5, help="alternating timed passes (default 5)"
+    )
+    train.add_argument("--ratio", type=float, default=None, help="glancing ratio (default: start)")
+    train.add_argument("--seed", type=int, default=0, help="batch order and model seed (default 0)")
+    train.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0 = torch default; 1 is steadiest)"
+    )
+    train.add_argument("--json", metavar="PATH", help="also write the result dict as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:

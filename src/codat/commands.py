@@ -265,7 +265,14 @@ def benchmark_decode(a: argparse.Namespace) -> int:
     lookahead = decode_config(translator.decode_cfg, a)
     sample = decode_config(dataclasses.replace(translator.decode_cfg, **_SAMPLE_BENCHMARK), a)
     result, described = decode_benchmark(
-        translator, lines, lookahead, sample, device=device, repeats=a.repeats
+        translator,
+        lines,
+        lookahead,
+        sample,
+        device=device,
+        repeats=a.repeats,
+        batch_size=a.batch_size,
+        bf16=a.bf16,
     )
     print(format_decode_report(result, described))
     _write_json(result, a.json)
@@ -289,7 +296,27 @@ def benchmark_speed(a: argparse.Namespace) -> int:
         iterations=iterations,
         device=device_of(a),
         repeats=a.repeats,
+        batch_size=a.batch_size,
+        bf16=a.bf16,
     )
     print(format_decode_report(result, described, speedup=True))
+    _write_json(result, a.json)
+    return 0
+
+
+def benchmark_train(a: argparse.Namespace) -> int:
+    import torch
+
+    from codat import recipes
+    from codat.bench_train import format_train_report, run_train_benchmark
+    from codat.config import load_config
+
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(recipes.resolve(a.config), a.overrides)
+    result = run_train_benchmark(
+        cfg, batches=a.batches, repeats=a.repeats, ratio=a.ratio, seed=a.seed
+    )
+    print(format_train_report(result))
     _write_json(result, a.json)
     return 0

@@ -259,6 +259,7 @@ def codat_samples(
             generator=generator,
             special_ids=SPECIAL_IDS,
             pad_id=PAD_ID,
+            mode=codat.sampler,
         )
 
 
@@ -300,15 +301,45 @@ def codat_term(
         count=codat.per_sentence(objective),
         alpha=alpha,
         pad_id=PAD_ID,
+        filter_key=score_filter_key(token_logp_vocab, out, samples, codat=codat),
     )
-    scores, chosen = None, selected.chosen
+    scores, chosen, target_lens = None, selected.chosen, None
     if len(chosen.rows):
         rows = chosen.rows
         targets, target_lens = sample_targets(
             chosen.tokens, chosen.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
         )
         scores = chosen_log_q(out, token_logp_vocab, rows, targets, target_lens, fused=fused)
-    return sample_term(scores, selected, objective=objective, margin=codat.margin, tie=codat.tie)
+    return sample_term(
+        scores,
+        selected,
+        objective=objective,
+        margin=codat.margin,
+        tie=codat.tie,
+        pair_average=codat.pair_average,
+        reward_temperature=codat.reward_temperature,
+        target_lens=target_lens,
+    )
+
+
+def score_filter_key(
+    token_logp_vocab: torch.Tensor,  # (B, L, V)
+    out: DagOutput,
+    samples: DagSamples,
+    *,
+    codat: CodatConfig,
+) -> torch.Tensor | None:  # (B, K)
+    """codat.filter score: the length-normalised DAG marginal of all K samples (no grad), by
+    which the kept 25% are chosen instead of by reward; None for codat.filter reward."""
+    if codat.filter != "score":
+        return None
+    with torch.no_grad():
+        targets, target_lens = sample_targets(
+            samples.tokens, samples.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+        )
+        return samples_log_q(
+            token_logp_vocab.detach(), out.trans_logp.detach(), out.graph_lens, targets, target_lens
+        )
 
 
 def chosen_log_q(
