@@ -255,3 +255,22 @@ def test_sentence_pair_average_weighs_sentences_equally():
     assert float(sentence) == pytest.approx((0.0 + 1.0) / 2)
     with pytest.raises(ValueError, match="pair_average"):
         objectives.sentence_contrastive_loss(scores, rewards, margin=0.0, pair_average="x")
+
+
+def test_dag_nll_hides_only_sentences_without_a_path():
+    """A graph shorter than its target counts as invalid and adds 0; a sentence with a path whose
+    likelihood is not finite (here a token no vertex can emit) makes the loss non-finite."""
+    from codat.objectives import dag_nll
+
+    torch.manual_seed(0)
+    B, L, N = 2, 5, 3
+    trans = torch.randn(B, L, L).triu(1).masked_fill(torch.ones(L, L).tril().bool(), float("-inf"))
+    trans = torch.log_softmax(trans, dim=-1).nan_to_num(neginf=float("-inf"))
+    trans[:, -1] = float("-inf")
+    token = torch.log_softmax(torch.randn(B, L, N), dim=1)
+    graph_lens, target_lens = torch.tensor([5, 2]), torch.tensor([3, 3])  # sentence 1: no path
+    loss, per, invalid = dag_nll(token, trans, graph_lens, target_lens)
+    assert invalid == 1 and per[1] == 0 and torch.isfinite(loss)
+    token[0, :, 1] = float("-inf")  # sentence 0 has a path, but token 1 cannot be emitted
+    loss, per, invalid = dag_nll(token, trans, graph_lens, target_lens)
+    assert invalid == 1 and not torch.isfinite(loss)

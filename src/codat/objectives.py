@@ -80,11 +80,13 @@ def dag_nll(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:  # scalar, (B,), int
     """DAT's DP loss (CoDAT eq. (3)): mean over sentences of -log P(Y|X) / N_b.
 
-    Sentences with no path (L_b < N_b) contribute 0 and are counted as invalid, as in DAT.
-    Returns the loss, the per-sentence length-normalised loss and the number of invalid sentences.
+    Sentences with no path (L_b < N_b) contribute 0 and are counted as invalid, as in DAT. Any
+    other non-finite sentence is a numerical failure and is never hidden: it makes the loss
+    non-finite, so the training loop skips and counts the step. Returns the loss, the
+    per-sentence length-normalised loss and the number of invalid (no-path) sentences.
     """
     ll = dag_log_likelihood(token_logp, trans_logp, graph_lens, target_lens)
-    invalid = ~torch.isfinite(ll)
+    invalid = (graph_lens < target_lens) & ~torch.isfinite(ll)
     per_sentence = -torch.where(invalid, torch.zeros_like(ll), ll) / target_lens.to(ll.dtype)
     return per_sentence.mean(), per_sentence.detach(), int(invalid.sum())
 
