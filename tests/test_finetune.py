@@ -374,7 +374,7 @@ def test_dat_step_with_glancing_scores_samples_of_one_more_unglanced_forward():
 
 
 def test_constant_schedule_is_linear_warm_up_then_flat():
-    from codat.train import learning_rate
+    from codat.loop import learning_rate
 
     tc = TrainConfig(lr_schedule="constant", lr=1e-3, warmup_steps=10, warmup_init_lr=1e-7)
     assert learning_rate(0, tc) == pytest.approx(1e-7, rel=1e-12)
@@ -387,7 +387,7 @@ def test_constant_schedule_is_linear_warm_up_then_flat():
 
 def test_inverse_sqrt_schedule_is_unchanged():
     """fairseq's inverse_sqrt: linear warm-up from init_lr, then lr * sqrt(warmup / step)."""
-    from codat.train import learning_rate
+    from codat.loop import learning_rate
 
     tc = TrainConfig(lr=5e-4, warmup_steps=100, warmup_init_lr=1e-7)
     assert tc.lr_schedule == "inverse_sqrt"

@@ -21,6 +21,12 @@ from corpus import prepare_copy_task
 
 from codat.checkpoint import resolve_checkpoint, save_checkpoint
 from codat.config import ARCHS, DecodeConfig, RunConfig
+from codat.dat_decode import (
+    dat_lookahead_decoder,
+    dat_sample_decoder,
+    dat_viterbi_decoder,
+    draw_samples,
+)
 from codat.data import PAD_ID, SPECIAL_IDS, read_lines, read_meta
 from codat.decode import joint_viterbi_decode, lookahead_decode, sample_decode
 from codat.generate import (
@@ -29,12 +35,8 @@ from codat.generate import (
     Translator,
     batch_sources,
     check_options,
-    dat_lookahead_decoder,
-    dat_sample_decoder,
-    dat_viterbi_decoder,
     decoder_for,
     distill,
-    draw_samples,
     source_tensor,
     translate_file,
     translate_ids,

@@ -843,8 +843,8 @@ def test_sample_decoder_passes_the_mode_and_reranks_by_the_marginal(mode):
     from conftest import make_batch, make_model
 
     from codat.config import DecodeConfig
+    from codat.dat_decode import dat_sample_decoder, draw_samples, marginal_scores
     from codat.data import BOS_ID, EOS_ID
-    from codat.generate import dat_sample_decoder, draw_samples, marginal_scores
     from codat.objectives import log_softmax_fp32
 
     model = make_model("dat").eval()

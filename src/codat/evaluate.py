@@ -25,10 +25,11 @@ from codat.cmlm import cmlm_sentence_loss
 from codat.config import DecodeConfig, RunConfig
 from codat.ctc import ctc_sentence_loss
 from codat.dag import dag_log_likelihood
+from codat.dat_decode import draw_samples
 from codat.dat_train import codat_term, dat_sentence_loss
 from codat.data import PAD_ID, Batch, ParallelData, read_lines, token_batches
 from codat.decode import DagSamples, pick_best, rerank_scores
-from codat.generate import Translator, decoder_for, draw_samples, translate_ids
+from codat.generate import Translator, decoder_for, translate_ids
 from codat.metrics import Refs, corpus_bleu, corpus_score, read_refs_jsonl
 from codat.nat import nat_sentence_loss
 from codat.objectives import gather_token_logp
