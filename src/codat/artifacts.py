@@ -149,17 +149,21 @@ def check_output_file(path: str | pathlib.Path, flag: str) -> None:
         raise ValueError(f"{flag} {p} is not writable")
 
 
-def write_lines_atomic(path: str | pathlib.Path, lines: list[str]) -> None:
-    """Write one line per string (a newline inside one becomes a space) to a temporary sibling,
-    fsync it and rename it into place."""
+def write_text_atomic(path: str | pathlib.Path, text: str) -> None:
+    """Write `text` to a temporary sibling, fsync it and rename it into place."""
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(x.replace("\n", " ") + "\n" for x in lines))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_lines_atomic(path: str | pathlib.Path, lines: list[str]) -> None:
+    """Write one line per string (a newline inside one becomes a space), atomically."""
+    write_text_atomic(path, "".join(x.replace("\n", " ") + "\n" for x in lines))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from codat.artifacts import write_text_atomic
 from codat.cmlm import cmlm_sentence_loss
 from codat.config import DecodeConfig, RunConfig
 from codat.ctc import ctc_sentence_loss
@@ -343,7 +344,4 @@ def tune_beta(
 
 def write_json(result: dict, path: str | pathlib.Path) -> None:
     """Write `result` as indented JSON, atomically (a temporary sibling renamed into place)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")

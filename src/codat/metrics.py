@@ -42,12 +42,6 @@ class Score:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def read_text(path: str | pathlib.Path) -> list[str]:
-    """The lines of a UTF-8 text file (`data.read_lines`: split on newlines only); a missing
-    file or invalid UTF-8 raises naming the file."""
-    return read_lines(path)
-
-
 def read_refs_jsonl(path: str | pathlib.Path) -> list[list[str]]:
     """Several references per line: each line a JSON list of strings (SciTLDR's *.refs.jsonl;
     a bare JSON string counts as a list of one).
@@ -175,8 +169,8 @@ def score_files(
     if (ref is None) == (refs_jsonl is None):
         raise ValueError("give either a reference file REF or --refs-jsonl FILE (exactly one)")
     ref_path = ref if ref is not None else refs_jsonl
-    hyps = read_text(hyp)
-    refs = read_text(ref) if ref is not None else read_refs_jsonl(refs_jsonl)
+    hyps = read_lines(hyp)
+    refs = read_lines(ref) if ref is not None else read_refs_jsonl(refs_jsonl)
     for path, lines in ((hyp, hyps), (ref_path, refs)):
         if not lines:
             raise ValueError(f"{path} is empty: nothing to score")

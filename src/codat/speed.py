@@ -19,6 +19,7 @@ import torch
 
 from codat.benchmark import sync
 from codat.config import DecodeConfig
+from codat.data import read_lines
 from codat.generate import Translator
 
 
@@ -110,7 +111,7 @@ def format_decode_report(result: dict, settings: dict[str, str], *, speedup: boo
 
 def read_sentences(path: str | pathlib.Path, max_sentences: int) -> list[str]:
     """The first `max_sentences` lines of a text file (all when <= 0)."""
-    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    lines = read_lines(path)  # one line per \n, as every codat input
     return lines[:max_sentences] if max_sentences > 0 else lines
 
 
