@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from corpus import prepare_copy_task
 
 from codat.bench_train import VARIANTS, format_train_report, matmul_peak, run_train_benchmark
 from codat.config import config_from_dict
+from codat.memory import keep_freed_memory
 
 SMALL = {"dim": 16, "heads": 2, "ffn_dim": 32, "encoder_layers": 1, "decoder_layers": 1}
 
@@ -37,7 +39,7 @@ def cfg(tmp_path_factory):
 
 def test_train_benchmark_reports_both_steps(cfg):
     result = run_train_benchmark(cfg, batches=2, repeats=2, peak_size=32)
-    assert list(result["variants"]) == list(VARIANTS) == ["plain", "fast", "fast+adam"]
+    assert list(result["variants"]) == list(VARIANTS) == ["plain", "fast", "fast+mem"]
     assert result["relative_to"] == "plain" and result["repeats"] == 2
     assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
     assert "glance_ratio=0.5" in result["config"] and "bf16=True" in result["config"]
@@ -54,7 +56,8 @@ def test_train_benchmark_reports_both_steps(cfg):
     assert fast["cpu_speedup"] == pytest.approx(statistics.median(cpu_ratios))
     assert fast["flops_per_step"] < plain["flops_per_step"]  # one encoder forward fewer
     report = format_train_report(result)
-    assert "plain" in report and "fast+adam" in report and "attention_fp32_on_cpu" in report
+    assert "plain" in report and "fast+mem" in report and "attention_fp32_on_cpu" in report
+    assert "keep_freed_memory" in report
     assert "all settings off" in report
 
 
@@ -63,6 +66,15 @@ def test_train_benchmark_refuses_other_archs_and_too_few_batches(cfg):
         run_train_benchmark(replace(cfg, model=replace(cfg.model, arch="at")), batches=1)
     with pytest.raises(ValueError, match="--batches=100000"):
         run_train_benchmark(cfg, batches=100000, repeats=1)
+
+
+def test_keep_freed_memory_toggles_glibc_malloc():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc mallopt: Linux only")
+    assert keep_freed_memory(True) is True
+    assert keep_freed_memory(False) is True
+    x = torch.ones(8 << 20)  # 32 MB: served by mmap again, and correct either way
+    assert float(x.sum()) == 8 << 20
 
 
 def test_matmul_peak_is_positive():

@@ -385,6 +385,18 @@ def test_constant_schedule_is_linear_warm_up_then_flat():
     assert learning_rate(0, no_warmup) == learning_rate(50, no_warmup) == 2e-4
 
 
+def test_linear_schedule_warms_up_then_decays_to_zero_at_max_steps():
+    from codat.loop import learning_rate
+
+    tc = TrainConfig(lr_schedule="linear", lr=1e-3, warmup_steps=10, max_steps=110)
+    assert learning_rate(5, tc) == pytest.approx(tc.warmup_init_lr + (1e-3 - tc.warmup_init_lr) / 2)
+    assert learning_rate(10, tc) == pytest.approx(1e-3, rel=1e-12)
+    assert learning_rate(60, tc) == pytest.approx(5e-4, rel=1e-12)
+    assert learning_rate(110, tc) == learning_rate(200, tc) == 0.0
+    with pytest.raises(ValueError, match="train.lr_schedule='cosine'"):
+        TrainConfig(lr_schedule="cosine")
+
+
 def test_inverse_sqrt_schedule_is_unchanged():
     """fairseq's inverse_sqrt: linear warm-up from init_lr, then lr * sqrt(warmup / step)."""
     from codat.loop import learning_rate

@@ -314,3 +314,23 @@ def test_streaming_writes_one_line_per_input_line_like_batch_decoding(data, tmp_
     assert want[1] == ""
     with pytest.raises(ValueError, match=r"<stdin>:2: invalid UTF-8"):
         translate_stream(translator, io.BytesIO(b"der hund\n\xff\n"), io.StringIO(), greedy)
+
+
+@torch.no_grad()
+def test_precision_bf16_decodes_every_decoder_under_bf16_autocast():
+    """decode.precision bf16 runs the model's matmuls in bfloat16 (the logits come out bf16)
+    for every decoder; fp32 is exactly today's decoding; a bad value names the key."""
+    seen = []
+    model = make_model("dat")
+    model.register_forward_hook(lambda m, i, out: seen.append(out.token_logits.dtype))
+    sources = _sources([5, 3, 7])
+    fp32 = translate_ids(model, sources, DecodeConfig())
+    assert seen == [torch.float32]
+    bf16 = translate_ids(model, sources, DecodeConfig(precision="bf16"))
+    assert seen[1:] == [torch.bfloat16] and len(bf16) == len(fp32) == 3
+    assert translate_ids(model, sources, DecodeConfig(precision="fp32")) == fp32
+    at = translate_ids(make_model("at"), sources, DecodeConfig(precision="bf16"))
+    assert len(at) == 3
+    check_options("at", "beam", ["precision", "beam"])  # every decoder reads it
+    with pytest.raises(ValueError, match="decode.precision='fp16'.*fp32, bf16"):
+        RunConfig(decode=DecodeConfig(precision="fp16"))

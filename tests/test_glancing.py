@@ -31,7 +31,7 @@ from codat.config import RunConfig
 from codat.dag import dag_best_path, dag_log_likelihood
 from codat.dat_train import StepOptions, dat_sentence_loss, dat_step
 from codat.glancing import argmax_hits, choose_glanced, force_alignment, glance_ratio
-from codat.objectives import dag_nll, gather_token_logp
+from codat.objectives import dag_nll, gather_token_logp, token_logp_and_max
 
 NEG_INF = float("-inf")
 
@@ -164,6 +164,25 @@ def test_argmax_hits_is_argmax_equality_with_ties(dtype):
     assert got[0].all() and not got.all()
     tied_later = (logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) == logits.amax(-1)) & ~got
     assert tied_later.any()  # a maximum that is not the first one is no hit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logp_and_max_give_the_same_hits(dtype):
+    """Pass 1's one-pass values: the float32 log-probs of gather_token_logp, the row maxima of
+    the float32 log-softmax, and (as argmax_hits' candidates) the same hits as the logits'."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 5, (2, 40, 7), generator=g).to(dtype) / 2  # many ties
+    tgt = torch.randint(0, 7, (2, 6), generator=g)
+    logp, top = token_logp_and_max(logits, tgt)
+    full = torch.log_softmax(logits.float(), dim=-1)
+    assert logp.dtype == top.dtype == torch.float32
+    assert torch.equal(logp, gather_token_logp(logits, tgt).detach())
+    assert torch.equal(top, full.amax(-1))
+    path = torch.randint(-1, 6, (2, 40), generator=g)
+    oracle = tgt.gather(1, path.clamp(min=0))
+    candidates = logp.gather(-1, path.clamp(min=0).unsqueeze(-1)).squeeze(-1) == top
+    got = argmax_hits(logits, oracle, candidates)
+    assert torch.equal(got, logits.argmax(-1) == oracle) and got.any() and not got.all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,23 +26,28 @@ from codat.config import RunConfig
 from codat.dat_train import StepOptions, dat_step
 from codat.data import Batch, token_batches
 from codat.layers import set_attention_fp32_on_cpu
+from codat.memory import keep_freed_memory
 from codat.train import resolve_model_config, trainable_pairs
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the step: its `StepOptions`, the attention setting, and whether AdamW uses
-    its fused kernel (`torch.optim.AdamW(fused=True)`, not what train.py builds today)."""
+    """One way to run the step: its `StepOptions`, the attention setting, whether AdamW uses its
+    fused kernel (`torch.optim.AdamW(fused=True)`, as train.py builds it) and whether freed memory
+    stays in the heap (`memory.keep_freed_memory`, as train.py sets it on CPU)."""
 
     options: StepOptions
     attention_fp32_on_cpu: bool
     fused_adamw: bool = False
+    keep_freed_memory: bool = False
 
 
 VARIANTS = {
     "plain": Variant(StepOptions.plain(), attention_fp32_on_cpu=False),
-    "fast": Variant(StepOptions(), attention_fp32_on_cpu=True),
-    "fast+adam": Variant(StepOptions(), attention_fp32_on_cpu=True, fused_adamw=True),
+    "fast": Variant(StepOptions(), attention_fp32_on_cpu=True, fused_adamw=True),
+    "fast+mem": Variant(
+        StepOptions(), attention_fp32_on_cpu=True, fused_adamw=True, keep_freed_memory=True
+    ),
 }
 
 
@@ -98,6 +103,7 @@ class StepRunner:
         optimizer.zero_grad(set_to_none=True)
 
     def run(self, variant: Variant) -> tuple[float, float]:  # wall, CPU seconds of this process
+        keep_freed_memory(variant.keep_freed_memory)
         t0, c0 = time.perf_counter(), time.process_time()
         for batch in self.batches:
             self.step(batch, variant)
@@ -224,7 +230,11 @@ def summarise(
 
 def describe(variant: Variant) -> str:
     on = [k for k, v in vars(variant.options).items() if v]
-    on += [k for k in ("attention_fp32_on_cpu", "fused_adamw") if getattr(variant, k)]
+    on += [
+        k
+        for k in ("attention_fp32_on_cpu", "fused_adamw", "keep_freed_memory")
+        if getattr(variant, k)
+    ]
     return "all settings off" if not on else " ".join(on)
 
 

@@ -16,6 +16,8 @@ import yaml
 
 ARCHS = ("dat", "at", "nat", "glat", "ctc", "cmlm")
 OBJECTIVES = ("dp", "codat", "reward")
+# DAT graph sizes (model.upsample): from the source length, or from the length head's prediction.
+UPSAMPLES = ("source", "predict")
 # DAT sampler modes (`codat.decode.sampling_distribution`): log = log-joint scores / tau (codat's
 # original), paper = Algorithm 2/3 on the probability scale, dat = DAT v2.0's inference_sample.
 SAMPLERS = ("log", "paper", "dat")
@@ -108,6 +110,15 @@ class ModelConfig:
     max_graph_positions: int = 2048  # dat/ctc: graph vertices (decoder positions)
     max_target_positions: int = 1024  # at: decoder positions (<s> + target)
     max_length: int = 256  # nat/glat/cmlm: length classes 0..max_length (target content tokens)
+    # dat: what sizes the graph. source: L = floor(upsample_scale * m). predict (DAT's
+    # --upsample-base predict; for outputs whose length does not follow the source, e.g.
+    # summaries): a length head on the mean-pooled encoder states predicts n, the target length
+    # counting <s> and </s> (classes 0..max_length; longer targets count as max_length), and
+    # L = floor(upsample_scale * n) clipped to [2, max_graph_positions]: n is the reference's
+    # length in training and validation loss (every target up to max_graph_positions fits), the
+    # head's argmax at inference.
+    upsample: str = "source"
+    length_loss_weight: float = 0.1  # dat, upsample predict: loss += weight * length CE
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -121,6 +132,13 @@ class ModelConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         _check_ranges("model", self, _MODEL_RANGES)
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"model.upsample='{self.upsample}': choose one of source, predict")
+        if self.upsample == "predict" and self.arch != "dat":
+            raise ValueError(
+                f"model.upsample='predict' sizes a DAT graph: it does not apply to "
+                f"model.arch={self.arch} (use source)"
+            )
 
 
 _MODEL_RANGES = {
@@ -133,6 +151,7 @@ _MODEL_RANGES = {
     "max_graph_positions": {"low": 2},
     "max_target_positions": {"low": 3},
     "max_length": {"low": 1},
+    "length_loss_weight": {"low": 0},
 }
 
 
@@ -189,7 +208,9 @@ class TrainConfig:
     seed: int = 1
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     bf16: bool = False  # autocast the model's matmuls to bfloat16 (the DP stays float32)
-    lr_schedule: str = "inverse_sqrt"  # or "constant" (after the linear warm-up)
+    # after the linear warm-up: inverse_sqrt, constant, or linear (down to 0 at max_steps: for a
+    # run whose length is known, e.g. the CPU demo)
+    lr_schedule: str = "inverse_sqrt"
     # objective dp = the model's own loss (DAT: the DP loss); codat = + ranking constraints on the
     # model's own samples; reward = + the reward term (settings: the `codat` section).
     objective: str = "dp"
@@ -208,9 +229,9 @@ class TrainConfig:
             check_range(f"train.adam_betas[{i}]", beta, low=0, high=1, high_open=True)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective='{self.objective}': choose dp, codat or reward")
-        if self.lr_schedule not in ("inverse_sqrt", "constant"):
+        if self.lr_schedule not in ("inverse_sqrt", "constant", "linear"):
             raise ValueError(
-                f"train.lr_schedule='{self.lr_schedule}': choose inverse_sqrt or constant"
+                f"train.lr_schedule='{self.lr_schedule}': choose inverse_sqrt, constant or linear"
             )
         if self.update_freq < 1:
             raise ValueError(f"train.update_freq={self.update_freq} must be >= 1")
@@ -328,6 +349,9 @@ class DecodeConfig:
     nat argmax|npd; ctc greedy; cmlm mask-predict."""
 
     decoder: str = ""
+    # fp32, or bf16: the model's matmuls under bfloat16 autocast (the DAG decoding and the
+    # transitions stay float32), for every decoder
+    precision: str = "fp32"
     lookahead_token_weight: float = 1.0  # lookahead: weight of the token log-prob
     viterbi_length_exponent: float = 1.0  # joint Viterbi: score / length ** this exponent
     max_tokens: int = 8192
@@ -377,7 +401,11 @@ DECODE_RANGES = {
 
 
 # The valid choices of each DecodeConfig string field but `decoder` (`check_decode`).
-DECODE_CHOICES = {"sampler": ("", *SAMPLERS), "rerank": ("score", "marginal")}
+DECODE_CHOICES = {
+    "sampler": ("", *SAMPLERS),
+    "rerank": ("score", "marginal"),
+    "precision": ("fp32", "bf16"),
+}
 
 
 def check_decode(dc: DecodeConfig, name=lambda field: f"decode.{field}") -> None:

@@ -1,6 +1,10 @@
 """DA-Transformer (method.md §2): encoder + decoder over L = floor(lambda * m) graph vertices,
 a token distribution per vertex and a multi-head gated transition matrix between vertices.
 
+With model.upsample predict (method.md §2.2), L = floor(lambda * n) instead, n the target length
+counting <s> and </s>: the reference's when `encode` is given `tgt_lens` (training, validation
+loss), else the argmax of a length head on the mean-pooled encoder states (`nat_core`'s).
+
 The model only maps tensors to a `DagOutput`; losses live in `objectives.py`, decoders in
 `decode.py`.
 """
@@ -16,6 +20,7 @@ from codat.config import ModelConfig
 from codat.dag import NEG_INF, log_softmax_safe, logsumexp_safe
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from codat.layers import Dropout, bert_init, decoder_stack, shared_embedding_and_encoder
+from codat.nat_core import build_length_head, masked_mean_length_logits
 
 
 def graph_lengths(
@@ -41,6 +46,7 @@ class Encoded(NamedTuple):
     states: torch.Tensor  # (B, S, D)
     src_mask: torch.Tensor  # (B, S) bool
     graph_lens: torch.Tensor  # (B,)
+    length_logits: torch.Tensor | None = None  # (B, max_length + 1), model.upsample predict
 
 
 class DATransformer(nn.Module):
@@ -58,23 +64,51 @@ class DATransformer(nn.Module):
         self.link_key = nn.Linear(2 * D, D)
         self.link_gate = nn.Linear(2 * D, H)
         self.apply(bert_init)
+        # Only for predict, created and initialised last: the other weights start the same.
+        self.length_head = build_length_head(cfg) if cfg.upsample == "predict" else None
+        if self.length_head is not None:
+            self.length_head.apply(bert_init)
 
-    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """The graph size L_b of each source (`graph_lengths`): what a decoding batch holds."""
+    def graph_sizes(self, lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """floor(upsample_scale * lens) clipped to [2, max_graph_positions] (`graph_lengths`)."""
         return graph_lengths(
-            src_lens,
+            lens,
             upsample_scale=self.cfg.upsample_scale,
             max_positions=self.cfg.max_graph_positions,
         )
 
+    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The graph size L_b of each source as far as it is known before encoding, what a
+        decoding batch holds: floor(lambda * m_b) (`graph_sizes`). With model.upsample predict
+        only an estimate: the graph follows the length head (`encode`; `generate` sizes its
+        batches by that)."""
+        return self.graph_sizes(src_lens)
+
     def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """The longest target (<s> y </s>) a graph can hold: one vertex per token at most."""
+        """The longest target (<s> y </s>) a graph can hold: one vertex per token at most. With
+        model.upsample predict the graph is sized from the target: any up to max_graph_positions."""
+        if self.length_head is not None:
+            return torch.full_like(src_lens, self.cfg.max_graph_positions)
         return self.output_lengths(src_lens)
 
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> Encoded:
+    def encode(
+        self,
+        src_ids: torch.Tensor,  # (B, S)
+        src_lens: torch.Tensor,  # (B,)
+        *,
+        tgt_lens: torch.Tensor | None = None,  # (B,) references' lengths, counting <s> </s>
+    ) -> Encoded:
+        """The encoder states and the graph size: `output_lengths` for model.upsample source
+        (`tgt_lens` unused); for predict, `graph_sizes` of `tgt_lens` when given (training and
+        validation loss: every reference fits), else of the length head's argmax (inference)."""
         S = src_ids.shape[1]
         src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
-        return Encoded(self.encoder(src_ids, src_mask), src_mask, self.output_lengths(src_lens))
+        states = self.encoder(src_ids, src_mask)
+        if self.length_head is None:
+            return Encoded(states, src_mask, self.output_lengths(src_lens))
+        length_logits = masked_mean_length_logits(self.length_head, states, src_mask)
+        lens = length_logits.argmax(-1) if tgt_lens is None else tgt_lens
+        return Encoded(states, src_mask, self.graph_sizes(lens), length_logits)
 
     def graph_inputs(self, graph_lens: torch.Tensor) -> torch.Tensor:  # (B, L) long
         """Placeholder decoder input [<s>, <unk> x (L_b - 2), </s>, <pad> ...]."""
@@ -128,8 +162,9 @@ class DATransformer(nn.Module):
         graph_ids: torch.Tensor | None = None,  # (B, L) glanced decoder input; None = placeholders
         *,
         encoded: Encoded | None = None,  # `encode(src_ids, src_lens)` done already: reuse it
+        tgt_lens: torch.Tensor | None = None,  # (B,) `encode`'s: size a predict graph by them
     ) -> DagOutput:
-        enc = self.encode(src_ids, src_lens) if encoded is None else encoded
+        enc = self.encode(src_ids, src_lens, tgt_lens=tgt_lens) if encoded is None else encoded
         if graph_ids is None:
             graph_ids = self.graph_inputs(enc.graph_lens)
         return self.decode(enc, graph_ids)

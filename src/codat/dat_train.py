@@ -5,6 +5,8 @@ method.md §9), as plain functions of an unwrapped `DATransformer` and a `Batch`
 for train.objective codat / reward `codat.weight * codat_term(...)` on the un-glanced DAG.
 `codat_term` reads as the paper: sample -> reward -> select -> score -> loss.
 `dat_sentence_loss` is the per-sentence validation loss (and what CoDAT's alpha is calibrated on).
+With model.upsample predict, every forward here sizes the graph by the reference (`encode`'s
+tgt_lens), and `dat_step` adds model.length_loss_weight times `length_loss`.
 `StepOptions` holds the step's speed settings (how it computes, never what).
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from codat.config import CodatConfig, RunConfig
 from codat.dag import dag_best_path, dag_log_likelihood
@@ -37,6 +40,7 @@ from codat.objectives import (
     log_softmax_fp32,
     sample_targets,
     samples_log_q,
+    token_logp_and_max,
 )
 from codat.rewards import sentence_bleu
 from codat.selection import sample_term, select_samples
@@ -90,18 +94,25 @@ def glance_inputs(
     pass 2 will use (computed with grad by the caller), else pass 1 encodes the batch itself."""
     rng = replay_rng(batch.src_ids.device) if tape is None else tape.record()
     with rng, torch.no_grad(), autocast:
-        out = model(batch.src_ids, batch.src_lens, encoded=encoded)
-        # Only the alignment is needed here, so the model's dtype suffices (no float32 copy).
-        N = batch.tgt_ids.shape[1]
-        token_logp = (
-            torch.log_softmax(out.token_logits, dim=-1)
-            .gather(-1, batch.tgt_ids.unsqueeze(1).expand(-1, out.token_logits.shape[1], N))
-            .float()
-        )  # (B, L, N)
+        out = model(batch.src_ids, batch.src_lens, encoded=encoded, tgt_lens=batch.tgt_lens)
+        top = None
+        if options.fused_token_logp:  # float32 values and row maxima, one chunked pass
+            token_logp, top = token_logp_and_max(out.token_logits, batch.tgt_ids)
+        else:  # the model's dtype (a bf16 (B, L, V) log-softmax), then the gather
+            N = batch.tgt_ids.shape[1]
+            token_logp = (
+                torch.log_softmax(out.token_logits, dim=-1)
+                .gather(-1, batch.tgt_ids.unsqueeze(1).expand(-1, out.token_logits.shape[1], N))
+                .float()
+            )  # (B, L, N)
         path, _ = dag_best_path(token_logp, out.trans_logp, out.graph_lens, batch.tgt_lens)
         if options.argmax_hits:
             oracle = aligned_tokens(path, batch.tgt_ids)
-            correct = argmax_hits(out.token_logits, oracle)
+            candidates = None
+            if top is not None:  # the oracle token's log-prob is its vertex's largest
+                at_path = token_logp.gather(-1, path.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                candidates = at_path == top
+            correct = argmax_hits(out.token_logits, oracle, candidates)
             keep = reveal(path, correct, batch.tgt_lens, ratio=ratio, generator=generator)
         else:
             keep, oracle = choose_glanced(
@@ -141,13 +152,14 @@ def glanced_forward(
     generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
     options: StepOptions,
-) -> tuple[DagOutput, Glance]:
+) -> tuple[DagOutput, Glance, Encoded]:
     """Glancing's two passes (method.md §4): pass 1 (`glance_inputs`) picks the revealed tokens,
-    pass 2, with grad and pass 1's dropout masks, is the output trained."""
+    pass 2, with grad and pass 1's dropout masks, is the output trained; returned with pass 2's
+    encoder states (its length head's scores)."""
     encoded, tape = None, DropoutTape() if options.replay_dropout else None
     if options.share_encoder:
         with autocast:
-            encoded = model.encode(batch.src_ids, batch.src_lens)
+            encoded = model.encode(batch.src_ids, batch.src_lens, tgt_lens=batch.tgt_lens)
     glance = glance_inputs(
         model,
         batch,
@@ -159,8 +171,10 @@ def glanced_forward(
         options=options,
     )
     with autocast, contextlib.nullcontext() if tape is None else tape.replay():
+        if encoded is None:  # as the forward would, first thing, with pass 1's masks
+            encoded = model.encode(batch.src_ids, batch.src_lens, tgt_lens=batch.tgt_lens)
         out = model(batch.src_ids, batch.src_lens, glance.graph_ids, encoded=encoded)
-    return out, glance
+    return out, glance, encoded
 
 
 def dat_step(
@@ -178,27 +192,34 @@ def dat_step(
     With ratio > 0, glancing (`glanced_forward`). For train.objective codat / reward, plus
     codat.weight times the sample term on the un-glanced DAG, since the samples must come from
     the model as it decodes (method.md §9.8): pass 2's output when nothing was glanced, else one
-    more forward. `options`: speed settings only.
+    more forward. With model.upsample predict, plus model.length_loss_weight times `length_loss`
+    (stats "length_loss", "length_acc"). `options`: speed settings only.
     """
     stats: dict[str, float] = {}
     glance = None
     if ratio > 0:
-        out, glance = glanced_forward(
+        out, glance, encoded = glanced_forward(
             model, batch, ratio=ratio, generator=generator, autocast=autocast, options=options
         )
         stats["glanced"] = float(glance.keep.sum()) / float(batch.tgt_lens.sum())
     else:
         with autocast:
-            out = model(batch.src_ids, batch.src_lens)
-    loss, invalid = glanced_dp_loss(out, batch, glance, fused=options.fused_token_logp)
+            encoded = model.encode(batch.src_ids, batch.src_lens, tgt_lens=batch.tgt_lens)
+            out = model(batch.src_ids, batch.src_lens, encoded=encoded)
+    dp, invalid = glanced_dp_loss(out, batch, glance, fused=options.fused_token_logp)
     stats["invalid"] = invalid
+    loss = dp
+    if encoded.length_logits is not None:  # model.upsample predict
+        length, stats["length_acc"] = length_loss(encoded.length_logits, batch.tgt_lens)
+        stats["length_loss"] = float(length.detach())
+        loss = dp + cfg.model.length_loss_weight * length
     objective = cfg.train.objective
     if objective == "dp":
         return loss, stats
-    stats["dp_loss"] = float(loss.detach())
+    stats["dp_loss"] = float(dp.detach())
     if glance is not None:
         with autocast:
-            out = model(batch.src_ids, batch.src_lens)
+            out = model(batch.src_ids, batch.src_lens, tgt_lens=batch.tgt_lens)
     term, term_stats = codat_term(
         out,
         batch,
@@ -212,11 +233,25 @@ def dat_step(
     return loss + cfg.codat.weight * term, stats
 
 
+def length_loss(
+    length_logits: torch.Tensor,  # (B, C) the length head's scores
+    tgt_lens: torch.Tensor,  # (B,) counting <s> and </s>
+) -> tuple[torch.Tensor, float]:  # scalar with grad, accuracy in [0, 1]
+    """model.upsample predict: the mean over sentences of the length head's cross-entropy against
+    n_b, the reference's length counting <s> and </s> (above C - 1 = max_length: the last
+    class), in float32; and the fraction of sentences whose argmax is that class."""
+    targets = tgt_lens.clamp(max=length_logits.shape[1] - 1)
+    logits = length_logits.float()
+    accuracy = float((logits.argmax(-1) == targets).float().mean())
+    return F.cross_entropy(logits, targets), accuracy
+
+
 @torch.no_grad()
 def dat_sentence_loss(model: DATransformer, batch: Batch) -> torch.Tensor:  # (B,)
     """-log P(Y|X) / N_b of each reference on the un-glanced DAG (inf when the graph is too short
-    for it), in the model's current mode."""
-    out = model(batch.src_ids, batch.src_lens)
+    for it), in the model's current mode; a model.upsample predict graph is sized from the
+    reference, as in training (no length loss)."""
+    out = model(batch.src_ids, batch.src_lens, tgt_lens=batch.tgt_lens)
     return reference_loss(log_softmax_fp32(out.token_logits), out, batch)
 
 

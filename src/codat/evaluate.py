@@ -140,7 +140,8 @@ class Validation:
     @torch.no_grad()
     def sample_stats(self, core: nn.Module, cfg: RunConfig) -> dict[str, float]:
         """CoDAT's contrastive loss on the first `codat.eval_sentences` sentences (paper Figure
-        2), with no DP gate, and the mean and oracle (best-of-K) sentence BLEU of their samples."""
+        2), with no DP gate, and the mean and oracle (best-of-K) sentence BLEU of their samples,
+        on the graph training samples from (model.upsample predict: sized by the reference)."""
         n = min(cfg.codat.eval_sentences, len(self.data))
         generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         was_training = core.training
@@ -151,7 +152,7 @@ class Validation:
         for idx in token_batches(sizes, max_tokens=max_tokens, shuffle=False):
             b = self.data.collate(idx).to(self.device)
             with self.autocast:
-                out = core(b.src_ids, b.src_lens)
+                out = core(b.src_ids, b.src_lens, tgt_lens=b.tgt_lens)  # as training sizes it
             _, stats = codat_term(
                 out, b, objective="codat", codat=cfg.codat, alpha=math.inf, generator=generator
             )

@@ -62,7 +62,8 @@ DECODERS: dict[str, dict[str, Decoder]] = {
 }
 
 
-# The DecodeConfig fields each decoder reads, besides decoder and max_tokens (which all do):
+# The DecodeConfig fields each decoder reads, besides decoder, max_tokens and precision (which
+# all do):
 # setting another one for it is an error (`check_options`).
 DECODER_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "dat": {
@@ -100,10 +101,10 @@ def check_options(arch: str, decoder: str, given: list[str], name=lambda f: f) -
     """
     decoder_for(arch, decoder)
     decoder = decoder or next(iter(DECODERS[arch]))
-    used = ("decoder", "max_tokens", *DECODER_OPTIONS[arch][decoder])
+    used = ("decoder", "max_tokens", "precision", *DECODER_OPTIONS[arch][decoder])
     unused = [name(f) for f in given if f not in used]
     if unused:
-        uses = ", ".join(name(f) for f in used[2:]) or "no options"
+        uses = ", ".join(name(f) for f in used[3:]) or "no options"
         raise ValueError(
             f"{', '.join(unused)} does not apply to the {decoder} decoder of model.arch={arch} "
             f"(it uses {uses})"
@@ -132,16 +133,41 @@ def too_long(sources: list[torch.Tensor], model: nn.Module) -> list[int]:
 
 
 def batch_sources(
-    sources: list[torch.Tensor], model: nn.Module, max_tokens: int
+    sources: list[torch.Tensor],
+    model: nn.Module,
+    max_tokens: int,
+    *,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[list[int]]]:
     """Truncate to the model's source limit (`too_long` says which are) and bucket by the
-    decoder positions each source needs (`model.output_lengths`): (sources, lengths counting
-    </s>, batches of indices)."""
+    decoder positions each source needs (`model.output_lengths`; for a DAT with model.upsample
+    predict, `predicted_sizes`): (sources, lengths counting </s>, batches of indices)."""
     max_src = model.cfg.max_source_positions
     sources = [s[: max_src - 1] for s in sources]
     lens = torch.tensor([len(s) + 1 for s in sources], dtype=torch.long)
-    sizes = model.output_lengths(lens)
+    if model.cfg.upsample == "predict":
+        sizes = predicted_sizes(model, sources, lens, max_tokens, device=device)
+    else:
+        sizes = model.output_lengths(lens)
     return sources, lens, token_batches(sizes, max_tokens=max_tokens, shuffle=False)
+
+
+@torch.no_grad()
+def predicted_sizes(
+    model: nn.Module,  # a DATransformer with model.upsample predict
+    sources: list[torch.Tensor],
+    lens: torch.Tensor,  # (n,) counting </s>
+    max_tokens: int,
+    *,
+    device: torch.device | str,
+) -> torch.Tensor:  # (n,)
+    """The graph size the length head gives each source (`encode`, in the model's current mode):
+    one encoder pass, in batches of at most max_tokens source tokens, before decoding."""
+    sizes = torch.empty_like(lens)
+    for idx in token_batches(lens, max_tokens=max_tokens, shuffle=False):
+        src = source_tensor(sources, lens, idx).to(device)
+        sizes[idx] = model.encode(src, lens[idx].to(device)).graph_lens.cpu()
+    return sizes
 
 
 def source_tensor(
@@ -168,13 +194,17 @@ def translate_ids(
     decoder = decoder_for(model.cfg.arch, dc.decoder)
     was_training = model.training
     model.eval()
-    sources, lens, batches = batch_sources(sources, model, dc.max_tokens)
+    sources, lens, batches = batch_sources(sources, model, dc.max_tokens, device=device)
     generator = torch.Generator(device=device).manual_seed(dc.seed)
     results: list[list[int]] = [[] for _ in sources]
     bar = {} if progress else {"disable": True}  # shown: TQDM_* settings (TQDM_DISABLE=1) apply
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=dc.precision == "bf16"
+    )
     for idx in tqdm(batches, desc="decode", unit="batch", leave=False, **bar):
         src = source_tensor(sources, lens, idx)
-        ids = decoder(model, src.to(device), lens[idx].to(device), dc, generator).cpu()
+        with autocast:
+            ids = decoder(model, src.to(device), lens[idx].to(device), dc, generator).cpu()
         for row, i in enumerate(idx):
             results[i] = [t for t in ids[row].tolist() if t != PAD_ID]
     model.train(was_training)

@@ -34,15 +34,18 @@ def replay_rng(device: torch.device) -> Iterator[None]:
 def argmax_hits(
     token_logits: torch.Tensor,  # (B, L, V)
     ids: torch.Tensor,  # (B, L) one token per vertex
+    candidates: torch.Tensor | None = None,  # (B, L) bool: rows that may hit, if known
 ) -> torch.Tensor:  # (B, L) bool
     """token_logits.argmax(-1) == ids, without the argmax over V of every row (slow in bfloat16
     on CPU): a row can only hit where the logit of its id equals the row maximum, and only those
-    rows take the argmax (the first maximal index, as argmax's)."""
+    rows take the argmax (the first maximal index, as argmax's). `candidates`, when given, must
+    include every row that hits (e.g. where the id's log-prob equals the row's largest)."""
     B, L, V = token_logits.shape
     flat = token_logits.reshape(B * L, V)
     ids = ids.reshape(B * L)
-    top = flat.amax(dim=-1)
-    rows = (flat.gather(-1, ids.unsqueeze(-1)).squeeze(-1) == top).nonzero().squeeze(1)
+    if candidates is None:
+        candidates = flat.gather(-1, ids.unsqueeze(-1)).squeeze(-1) == flat.amax(dim=-1)
+    rows = candidates.reshape(B * L).nonzero().squeeze(1)
     hits = torch.zeros(B * L, dtype=torch.bool, device=flat.device)
     hits[rows] = flat[rows].float().argmax(dim=-1) == ids[rows]
     return hits.view(B, L)

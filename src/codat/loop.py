@@ -45,10 +45,14 @@ def inverse_sqrt_lr(step: int, *, lr: float, warmup: int, init_lr: float) -> flo
 
 
 def learning_rate(step: int, tc: TrainConfig) -> float:
-    if tc.lr_schedule == "constant":
+    """The learning rate of update `step` (train.lr_schedule, after train.warmup_steps)."""
+    if tc.lr_schedule in ("constant", "linear"):
         if tc.warmup_steps > 0 and step < tc.warmup_steps:
             return tc.warmup_init_lr + (tc.lr - tc.warmup_init_lr) * step / tc.warmup_steps
-        return tc.lr
+        if tc.lr_schedule == "constant":
+            return tc.lr
+        left = max(tc.max_steps - step, 0) / max(tc.max_steps - tc.warmup_steps, 1)
+        return tc.lr * left
     return inverse_sqrt_lr(step, lr=tc.lr, warmup=tc.warmup_steps, init_lr=tc.warmup_init_lr)
 
 

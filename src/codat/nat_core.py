@@ -1,6 +1,7 @@
 """The pieces the length-predicting NATs share (vanilla NAT / GLAT in `codat.nat`, CMLM in
-`codat.cmlm`; CTC in `codat.ctc` reuses the copy, the targets and GLAT's reveal): public functions
-that both models *call* (composition, no base class).
+`codat.cmlm`; CTC in `codat.ctc` reuses the copy, the targets and GLAT's reveal; DAT with
+model.upsample predict the length head): public functions that both models *call* (composition,
+no base class).
 
 Choices (documented once, here):
 - The decoder emits the target *content* y_1..y_T, without <s>/</s>: position t predicts y_t.
@@ -64,7 +65,7 @@ def nat_modules(cfg: ModelConfig) -> NatModules:
     return NatModules(
         embed,
         encoder,
-        nn.Linear(cfg.dim, cfg.max_length + 1),  # classes T = 0..max_length
+        build_length_head(cfg),
         nn.Embedding(cfg.max_length, cfg.dim),
         decoder_stack(cfg),
         nn.Dropout(cfg.dropout),
@@ -81,11 +82,27 @@ def encode_source(
     return NatEncoded(encoder(src_ids, src_mask), src_mask, src_ids, src_lens)
 
 
+def build_length_head(cfg: ModelConfig) -> nn.Linear:
+    """The length classifier (fairseq NAT's `embed_length`): classes 0..max_length from the pooled
+    encoder states (NAT / CMLM: the content length T; DAT, model.upsample predict: n, counting
+    <s> and </s>)."""
+    return nn.Linear(cfg.dim, cfg.max_length + 1)
+
+
+def masked_mean_length_logits(
+    length_head: nn.Linear,
+    states: torch.Tensor,  # (B, S, D)
+    src_mask: torch.Tensor,  # (B, S) bool
+) -> torch.Tensor:  # (B, C)
+    """The length head's scores of the mean of the valid encoder states."""
+    mask = src_mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return length_head(pooled)
+
+
 def pooled_length_logits(length_head: nn.Linear, enc: NatEncoded) -> torch.Tensor:  # (B, C)
     """Scores of the content length T from the mean of the valid encoder states."""
-    mask = enc.src_mask.unsqueeze(-1).to(enc.states.dtype)
-    pooled = (enc.states * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return length_head(pooled)
+    return masked_mean_length_logits(length_head, enc.states, enc.src_mask)
 
 
 def decode_nat(

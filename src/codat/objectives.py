@@ -49,6 +49,30 @@ class _TokenLogp(torch.autograd.Function):
         return out, None
 
 
+@torch.no_grad()
+def token_logp_and_max(
+    token_logits: torch.Tensor,  # (B, L, V)
+    tgt_ids: torch.Tensor,  # (B, N)
+) -> tuple[torch.Tensor, torch.Tensor]:  # (B, L, N), (B, L) float32
+    """Without grad: `gather_token_logp`'s values (float32 log-softmax, in cache-sized row
+    chunks) and each vertex's largest log-prob (a token whose log-prob is below it is not the
+    argmax: `glancing.argmax_hits`'s candidates), in one pass over the logits: no (B, L, V)
+    log-probs, in the logits' dtype or float32, are made."""
+    B, L, V = token_logits.shape
+    N = tgt_ids.shape[1]
+    flat = token_logits.reshape(B * L, V)
+    index = tgt_ids.unsqueeze(1).expand(B, L, N).reshape(B * L, N)
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+    out = torch.empty(index.shape, dtype=dtype, device=flat.device)
+    top = torch.empty(B * L, dtype=dtype, device=flat.device)
+    step = chunk_rows(V)
+    for s in range(0, B * L, step):
+        logp = torch.log_softmax(flat[s : s + step], dim=-1, dtype=dtype)
+        torch.amax(logp, dim=-1, out=top[s : s + step])
+        torch.gather(logp, -1, index[s : s + step], out=out[s : s + step])
+    return out.view(B, L, N), top.view(B, L)
+
+
 def gather_token_logp(
     token_logits: torch.Tensor,  # (B, L, V)
     tgt_ids: torch.Tensor,  # (B, N)

@@ -8,7 +8,6 @@ tests/.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 import statistics
 import time
@@ -127,16 +126,12 @@ SAMPLE_FIELDS = ("samples", "temperature", "top_p", "top_tokens", "rerank_token_
 def _job(
     translator: Translator, dc: DecodeConfig, *, bf16: bool = False
 ) -> Callable[[list[str]], list[str]]:
-    """Decode a list of sentences with `dc`; `bf16`: under bf16 autocast (the DP, log-softmax and
-    transitions stay float32)."""
-    device = next(translator.model.parameters()).device.type
+    """Decode a list of sentences with `dc`; `bf16`: with decode.precision bf16 (the model's
+    matmuls under bf16 autocast; the DP, log-softmax and transitions stay float32)."""
+    dc = replace(dc, precision="bf16") if bf16 else dc
 
     def job(sentences: list[str]) -> list[str]:
-        autocast = (
-            torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        )
-        with autocast:
-            return translator.generate(sentences, dc)
+        return translator.generate(sentences, dc)
 
     return job
 
