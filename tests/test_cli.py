@@ -435,3 +435,19 @@ def test_each_validation_prints_one_line_when_it_happens(tmp_path, capsys):
     printed = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
     assert [x.split(":")[0] for x in printed] == ["step 2", "step 4"]
     assert all(re.match(r"step \d: valid loss [\d.]+, BLEU [\d.]+ \| ", x) for x in printed)
+
+
+def test_output_piped_into_a_reader_that_leaves_early_gives_no_traceback(tmp_path):
+    """`codat score H R | head -0`: the reader is gone before codat writes; codat exits 141 (as
+    a shell reports SIGPIPE) without a traceback."""
+    (tmp_path / "h.txt").write_text("a cat sat\n")
+    (tmp_path / "r.txt").write_text("a cat sat\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codat", "score", str(tmp_path / "h.txt"), str(tmp_path / "r.txt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before codat (still importing torch) writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from codat import __version__, commands
@@ -465,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     verb = " ".join(argv[:2] if argv[:1] == ["benchmark"] else argv[:1])
     try:
         code = run(argv)
+    except BrokenPipeError:  # `codat score ... | head -1`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # what a shell reports for SIGPIPE
     except (ValueError, FileNotFoundError, FileExistsError, TrainingStopped) as e:
         print(f"codat {verb}: error: {e}", file=sys.stderr)
         sys.exit(1)
