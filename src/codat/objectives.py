@@ -19,6 +19,26 @@ def chunk_rows(vocab: int) -> int:
     return max(1, (1 << 18) * torch.get_num_threads() // vocab)
 
 
+def _chunked_token_logp(
+    logits: torch.Tensor,  # (R, V)
+    index: torch.Tensor,  # (R, M) long
+    *,
+    row_max: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (R, M), (R,) or None, at least float32
+    """log_softmax(logits)[r, index[r, m]], `chunk_rows` rows at a time, and with `row_max` the
+    largest log-prob of each row, taken from the same chunk."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    out = torch.empty(index.shape, dtype=dtype, device=logits.device)
+    top = torch.empty(logits.shape[0], dtype=dtype, device=logits.device) if row_max else None
+    step = chunk_rows(logits.shape[1])
+    for s in range(0, logits.shape[0], step):
+        logp = torch.log_softmax(logits[s : s + step], dim=-1, dtype=dtype)
+        if top is not None:
+            torch.amax(logp, dim=-1, out=top[s : s + step])
+        torch.gather(logp, -1, index[s : s + step], out=out[s : s + step])
+    return out, top
+
+
 class _TokenLogp(torch.autograd.Function):
     """log_softmax(logits)[r, index[r, m]] of (R, V) logits in at least float32, and its exact
     gradient d logits[r] = scatter_add(g[r]) - softmax(logits[r]) * sum_m g[r, m], both computed
@@ -27,12 +47,7 @@ class _TokenLogp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, index):  # (R, V), (R, M) long -> (R, M)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        out = torch.empty(index.shape, dtype=dtype, device=logits.device)
-        step = chunk_rows(logits.shape[1])
-        for s in range(0, logits.shape[0], step):
-            logp = torch.log_softmax(logits[s : s + step], dim=-1, dtype=dtype)
-            torch.gather(logp, -1, index[s : s + step], out=out[s : s + step])
+        out, _ = _chunked_token_logp(logits, index, row_max=False)
         ctx.save_for_backward(logits, index)
         return out
 
@@ -60,16 +75,8 @@ def token_logp_and_max(
     log-probs, in the logits' dtype or float32, are made."""
     B, L, V = token_logits.shape
     N = tgt_ids.shape[1]
-    flat = token_logits.reshape(B * L, V)
     index = tgt_ids.unsqueeze(1).expand(B, L, N).reshape(B * L, N)
-    dtype = torch.promote_types(flat.dtype, torch.float32)
-    out = torch.empty(index.shape, dtype=dtype, device=flat.device)
-    top = torch.empty(B * L, dtype=dtype, device=flat.device)
-    step = chunk_rows(V)
-    for s in range(0, B * L, step):
-        logp = torch.log_softmax(flat[s : s + step], dim=-1, dtype=dtype)
-        torch.amax(logp, dim=-1, out=top[s : s + step])
-        torch.gather(logp, -1, index[s : s + step], out=out[s : s + step])
+    out, top = _chunked_token_logp(token_logits.reshape(B * L, V), index, row_max=True)
     return out.view(B, L, N), top.view(B, L)
 
 
