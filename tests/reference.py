@@ -827,3 +827,28 @@ def loop_reverse_kl_reward_loss(
             total = total - (adv[k] - mean) * log_q[b, k]
             count += 1
     return total / max(count, 1)
+
+
+def loop_spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho by its textbook definition: Pearson's correlation of the ranks, tied values
+    sharing the mean of the ranks they span (found by sorting); NaN when x or y is constant."""
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import make_model
 from corpus import prepare_copy_task
+from reference import loop_spearman
 
 from codat.checkpoint import save_checkpoint
 from codat.cli import run
@@ -32,14 +33,18 @@ from codat.config import (
     TrainConfig,
 )
 from codat.dag import dag_log_likelihood
+from codat.dat_decode import marginal_scores
 from codat.dat_train import codat_term
 from codat.data import BOS_ID, EOS_ID, ParallelData, read_meta, token_batches
 from codat.evaluate import (
     SENTENCE_LOSSES,
     Validation,
     analyze,
+    average_ranks,
     first_sentences,
     load_split,
+    sample_split,
+    spearman_rows,
     truncate_sources,
     tune_beta,
     write_json,
@@ -47,6 +52,7 @@ from codat.evaluate import (
 from codat.generate import Translator, translate_ids
 from codat.metrics import corpus_bleu, corpus_score
 from codat.objectives import gather_token_logp
+from codat.rewards import sentence_bleu
 
 NULL = contextlib.nullcontext()
 
@@ -184,6 +190,47 @@ def test_analyze_ncm_and_bleus(data, translator):
     assert result["dp_loss_per_token"] == pytest.approx(want, rel=1e-5)
     assert "ncm" not in result  # the paper's NCM needs an AT scorer (--ncm-scorer)
     assert analyze(translator, split, refs, dc) == result  # the seed fixes the samples
+    assert 0 <= result["spearman_sentences"] <= 12
+    rho = result["spearman_score_bleu"]
+    assert rho is None or -1 <= rho <= 1
+
+
+def test_spearman_rows_equals_the_textbook_loop_with_ties_and_constant_rows():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (40, 9), generator=gen).double()  # many ties
+    y = torch.randn(40, 9, generator=gen).round(decimals=0)
+    x[3], y[5] = 2.0, 0.0  # constant rows: no correlation
+    x[7], y[7] = torch.arange(9.0), torch.arange(9.0) * 3  # monotone: 1
+    x[8], y[8] = torch.arange(9.0), -torch.arange(9.0)  # reversed: -1
+    got = spearman_rows(x, y)
+    for b in range(40):
+        want = loop_spearman(x[b].tolist(), y[b].tolist())
+        if math.isnan(want):
+            assert math.isnan(got[b])
+        else:
+            assert float(got[b]) == pytest.approx(want, abs=1e-12)
+    assert float(got[7]) == pytest.approx(1.0) and float(got[8]) == pytest.approx(-1.0)
+    assert math.isnan(got[3]) and math.isnan(got[5])
+    assert average_ranks(torch.tensor([[3.0, 1.0, 3.0, -math.inf]])).tolist() == [[3.5, 2, 3.5, 1]]
+
+
+def test_analyze_spearman_is_the_mean_of_the_rows_of_scores_and_bleu(data, translator):
+    split, refs = load_split(data, "val")
+    dc = DecodeConfig(samples=6, temperature=2.0, max_tokens=64)
+    result = analyze(translator, split, refs, dc)
+    rhos = []
+    for b, _, samples, marginal in sample_split(translator, split, dc, progress=False):
+        assert marginal.shape == samples.lengths.shape
+        want = marginal_scores(translator.model(b.src_ids, b.src_lens), samples)
+        torch.testing.assert_close(marginal, want)
+        bleu = sentence_bleu(samples.tokens, samples.lengths, b.tgt_ids[:, 1:], b.tgt_lens - 2)
+        for row in range(len(bleu)):
+            rho = loop_spearman(marginal[row].tolist(), bleu[row].tolist())
+            if not math.isnan(rho):
+                rhos.append(rho)
+    assert result["spearman_sentences"] == len(rhos)
+    if rhos:
+        assert result["spearman_score_bleu"] == pytest.approx(sum(rhos) / len(rhos))
 
 
 def test_tune_beta_compares_weights_on_the_same_samples(data, translator):

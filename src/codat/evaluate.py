@@ -26,7 +26,7 @@ from codat.cmlm import cmlm_sentence_loss
 from codat.config import DecodeConfig, RunConfig
 from codat.ctc import ctc_sentence_loss
 from codat.dag import dag_log_likelihood
-from codat.dat_decode import draw_samples
+from codat.dat_decode import draw_samples, marginal_scores
 from codat.dat_train import codat_term, dat_sentence_loss
 from codat.data import PAD_ID, Batch, ParallelData, read_lines, token_batches
 from codat.decode import DagSamples, pick_best, rerank_scores
@@ -191,9 +191,10 @@ class Validation:
 @torch.no_grad()
 def sample_split(
     translator: Translator, data: ParallelData, dc: DecodeConfig, *, progress: bool = True
-) -> Iterator[tuple[Batch, torch.Tensor, DagSamples]]:
-    """For each batch of the split: the batch, its reference DP log-likelihood (B,) and K samples
-    per sentence (drawn with `dc`'s samples / temperature / top_p / top_tokens / seed)."""
+) -> Iterator[tuple[Batch, torch.Tensor, DagSamples, torch.Tensor]]:
+    """For each batch of the split: the batch, its reference DP log-likelihood (B,), K samples
+    per sentence (drawn with `dc`'s samples / temperature / top_p / top_tokens / seed) and their
+    scores s_k (B, K) (`marginal_scores`)."""
     model, device = translator.model, translator.device
     model.eval()
     generator = torch.Generator(device=device).manual_seed(dc.seed)
@@ -204,7 +205,26 @@ def sample_split(
         out = model(b.src_ids, b.src_lens)
         tok = gather_token_logp(out.token_logits, b.tgt_ids)
         ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
-        yield b, ll, draw_samples(out, dc, generator)
+        samples = draw_samples(out, dc, generator)
+        yield b, ll, samples, marginal_scores(out, samples)
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, K) float64
+    """The 1-based rank of each entry within its row, ties given their average rank."""
+    x = x.double()
+    less = (x.unsqueeze(2) > x.unsqueeze(1)).sum(2)  # entries below x[b, k]
+    equal = (x.unsqueeze(2) == x.unsqueeze(1)).sum(2)  # including itself
+    return less.double() + (equal.double() + 1) / 2
+
+
+def spearman_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B, K) x2 -> (B,)
+    """Spearman's rank correlation of x[b] and y[b] per row: Pearson's correlation of the average
+    ranks; NaN for a row where x or y is constant (no ranking to correlate)."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(1, keepdim=True), ry - ry.mean(1, keepdim=True)
+    den = (rx.square().sum(1) * ry.square().sum(1)).sqrt()
+    cov = (rx * ry).sum(1)
+    return torch.where(den > 0, cov / den.clamp_min(1e-300), torch.full_like(cov, math.nan))
 
 
 def _ids(row: torch.Tensor) -> list[int]:
@@ -232,7 +252,11 @@ def analyze(
     (`ncm`: the scorer's NLL per token of the sample decoder's outputs), Oracle BLEU (corpus
     BLEU of the best-of-K sample per sentence by sentence BLEU against the split's target), the
     corpus BLEU of the reranked sample (`dc.rerank_token_weight`), mean
-    sentence BLEU of all samples, and the mean number of distinct samples per sentence. With
+    sentence BLEU of all samples, the mean number of distinct samples per sentence, and
+    "spearman_score_bleu": the mean over sentences of Spearman's correlation between the K
+    samples' scores s_k (length-normalised DAG marginal, eq. 10's score) and their sentence BLEU
+    (sentences where either is constant are left out; "spearman_sentences" counts the rest;
+    None when none is left). With
     `metric` chrf or rouge, also "oracle_score" and "rerank_score": that metric of the same
     two hypothesis sets (against every reference of `refs`)."""
     _check_dat(translator)
@@ -240,13 +264,16 @@ def analyze(
     oracle: list[list[int]] = [[] for _ in range(n)]
     reranked: list[list[int]] = [[] for _ in range(n)]
     nll, length, no_path, mean_bleu, distinct = 0.0, 0, 0, 0.0, 0.0
-    for b, ll, samples in sample_split(translator, data, dc):
+    rho_sum, rho_rows = 0.0, 0
+    for b, ll, samples, marginal in sample_split(translator, data, dc):
         finite = torch.isfinite(ll)
         no_path += int((~finite).sum())
         nll += float(-ll[finite].sum())
         length += int(b.tgt_lens[finite].sum())
         bleu = sentence_bleu(samples.tokens, samples.lengths, b.tgt_ids[:, 1:], b.tgt_lens - 2)
         mean_bleu += float(bleu.mean(1).sum())
+        rho = spearman_rows(marginal, bleu)
+        rho_sum, rho_rows = rho_sum + float(rho.nansum()), rho_rows + int((~rho.isnan()).sum())
         distinct += sum(len({tuple(_ids(r)) for r in sent}) for sent in samples.tokens.cpu())
         best_oracle = pick_best(samples, bleu, pad_id=PAD_ID).cpu()
         rerank = rerank_scores(samples, beta=dc.rerank_token_weight)
@@ -272,6 +299,8 @@ def analyze(
         **scores,
         "mean_sample_sentence_bleu": mean_bleu / max(n, 1),
         "distinct_per_sentence": distinct / max(n, 1),
+        "spearman_score_bleu": rho_sum / rho_rows if rho_rows else None,
+        "spearman_sentences": rho_rows,
         "samples": dc.samples,
         "temperature": dc.temperature,
         "top_p": dc.top_p,
@@ -324,7 +353,7 @@ def tune_beta(
         raise ValueError("tune-beta: no rerank token weights to compare")
     n = len(data)
     chosen = {w: [[] for _ in range(n)] for w in weights}
-    for b, _, samples in sample_split(translator, data, dc):
+    for b, _, samples, _ in sample_split(translator, data, dc):
         for w in weights:
             best = pick_best(samples, rerank_scores(samples, beta=w), pad_id=PAD_ID).cpu()
             for row, i in enumerate(b.indices.tolist()):
