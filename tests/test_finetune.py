@@ -37,7 +37,13 @@ from safetensors.torch import load_file
 from codat.checkpoint import load_model
 from codat.config import CodatConfig, RunConfig, TrainConfig, config_from_dict
 from codat.dag import dag_log_likelihood
-from codat.dat_train import codat_term, dat_step, glance_inputs, reference_loss
+from codat.dat_train import (
+    codat_term,
+    dat_step,
+    glance_inputs,
+    reference_loss,
+    score_filter_key,
+)
 from codat.data import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, ParallelData
 from codat.decode import sample_dag
 from codat.objectives import (
@@ -156,6 +162,22 @@ def test_codat_term_is_finite_with_gradient_and_statistics():
     # Both the token and the transition parameters receive a gradient.
     assert grads["embed.weight"].abs().sum() > 0
     assert grads["link_query.weight"].abs().sum() > 0
+
+
+def test_score_filter_key_scores_each_distinct_sample_once_equal_to_all_k():
+    model, batch = _model(), _batch()
+    codat = CodatConfig(**{**LOOSE, "samples": 24, "top_tokens": 1, "filter": "score"})
+    with torch.no_grad():
+        out, token_logp_vocab, s = _draw(model, batch, codat=codat, seed=SEED)
+        duplicates = duplicate_mask(s.tokens, s.lengths, pad_id=PAD_ID)
+        assert duplicates.any()  # repeats occur, so the packing is exercised
+        got = score_filter_key(token_logp_vocab, out, s, codat=codat)
+        targets, target_lens = sample_targets(
+            s.tokens, s.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+        )
+        want = samples_log_q(token_logp_vocab, out.trans_logp, out.graph_lens, targets, target_lens)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert score_filter_key(token_logp_vocab, out, s, codat=CodatConfig(**LOOSE)) is None
 
 
 def test_no_sentence_below_alpha_gives_exactly_zero():

@@ -24,6 +24,7 @@ from codat.data import BOS_ID, EOS_ID, PAD_ID
 from codat.objectives import sample_targets
 from codat.selection import (
     choose_samples,
+    compact_distinct,
     dp_gate,
     duplicate_mask,
     sample_stats,
@@ -70,6 +71,34 @@ def test_duplicate_mask_matches_loop_with_junk_beyond_lengths(seed):
     assert got.dtype == torch.bool
     assert got.tolist() == expected
     assert 0 < sum(map(sum, expected)) < B * K  # both kinds occur
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compact_distinct_packs_each_distinct_sample_once_and_maps_every_sample_back(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, K, T = 3, 9, 4
+    lengths = torch.randint(0, T + 1, (B, K), generator=g)
+    tokens = torch.randint(4, 6, (B, K, T), generator=g)
+    junk = torch.randint(0, 10, (B, K, T), generator=g)
+    tokens = torch.where(torch.arange(T) < lengths.unsqueeze(-1), tokens, junk)
+    packed, packed_lens, slot = compact_distinct(tokens, lengths, pad_id=PAD_ID)
+    dup = loop_duplicate_mask(tokens.tolist(), lengths.tolist())
+    D = max(K - sum(row) for row in dup)
+    assert packed.shape == (B, D, T) and packed_lens.shape == (B, D) and slot.shape == (B, K)
+
+    def seq(t, n):
+        return tuple(t[:n].tolist())
+
+    for b in range(B):
+        distinct = [k for k in range(K) if not dup[b][k]]  # first copies, in order
+        for d, k in enumerate(distinct):
+            assert seq(packed[b, d], packed_lens[b, d]) == seq(tokens[b, k], lengths[b, k])
+        for d in range(len(distinct), D):  # unused slots repeat the first sample
+            assert seq(packed[b, d], packed_lens[b, d]) == seq(tokens[b, 0], lengths[b, 0])
+        for k in range(K):
+            got = seq(packed[b, slot[b, k]], packed_lens[b, slot[b, k]])
+            assert got == seq(tokens[b, k], lengths[b, k])
+            assert int(slot[b, k]) < len(distinct)
 
 
 def test_duplicate_mask_hand_case():

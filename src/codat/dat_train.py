@@ -43,7 +43,7 @@ from codat.objectives import (
     token_logp_and_max,
 )
 from codat.rewards import sentence_bleu
-from codat.selection import sample_term, select_samples
+from codat.selection import compact_distinct, sample_term, select_samples
 
 SAMPLE_OBJECTIVES = ("codat", "reward")
 
@@ -365,16 +365,20 @@ def score_filter_key(
     codat: CodatConfig,
 ) -> torch.Tensor | None:  # (B, K)
     """codat.filter score: the length-normalised DAG marginal of all K samples (no grad), by
-    which the kept 25% are chosen instead of by reward; None for codat.filter reward."""
+    which the kept 25% are chosen instead of by reward; None for codat.filter reward. Each
+    distinct sample is scored once (`compact_distinct`): at the paper's tau most of the K are
+    repeats."""
     if codat.filter != "score":
         return None
     with torch.no_grad():
+        tokens, lengths, slot = compact_distinct(samples.tokens, samples.lengths, pad_id=PAD_ID)
         targets, target_lens = sample_targets(
-            samples.tokens, samples.lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
+            tokens, lengths, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID
         )
-        return samples_log_q(
+        packed = samples_log_q(
             token_logp_vocab.detach(), out.trans_logp.detach(), out.graph_lens, targets, target_lens
         )
+        return packed.gather(1, slot)
 
 
 def chosen_log_q(

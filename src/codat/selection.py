@@ -40,6 +40,33 @@ def duplicate_mask(
     return (same & earlier).any(-1)
 
 
+def compact_distinct(
+    tokens: torch.Tensor,  # (B, K, T) sample ids
+    lengths: torch.Tensor,  # (B, K)
+    *,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct samples of each sentence packed first: tokens (B, D, T) and lengths (B, D),
+    D the largest number of distinct samples of a sentence (unused slots repeat the sentence's
+    first sample), and slot (B, K): where each sample's first copy landed, so that a per-sample
+    quantity computed on the packed samples is `packed.gather(1, slot)` for all K."""
+    B, K, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device)
+    clean = tokens.masked_fill(pos >= lengths.unsqueeze(-1), pad_id)
+    same = (clean.unsqueeze(2) == clean.unsqueeze(1)).all(-1)  # (B, K, K)
+    same = same & torch.ones(K, K, dtype=torch.bool, device=tokens.device).tril()
+    first = same.int().argmax(-1)  # (B, K): the first j <= k identical to sample k
+    distinct = first == torch.arange(K, device=tokens.device)
+    rank = distinct.long().cumsum(1) - 1  # slot of each distinct sample
+    slot = rank.gather(1, first)
+    D = int(distinct.sum(1).max())
+    source = torch.zeros(B, D, dtype=torch.long, device=tokens.device)  # default: sample 0
+    b, k = distinct.nonzero(as_tuple=True)
+    source[b, rank[b, k]] = k
+    packed = tokens.gather(1, source.unsqueeze(-1).expand(B, D, T))
+    return packed, lengths.gather(1, source), slot
+
+
 class ChosenSamples(NamedTuple):
     rows: torch.Tensor  # (b,) long: the sentences that passed the gate
     tokens: torch.Tensor  # (b, k, T') ids, trimmed to the longest chosen sample (T' >= 1)
