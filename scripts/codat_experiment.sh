@@ -12,8 +12,9 @@
 #   BASE     the stage-1 checkpoint (or run directory) every arm starts from
 #   DATA_DIR the prepared data of BASE (codat prepare); RAW_DIR the raw Multi30k (*.de.gz, *.en.gz)
 #   env: SEEDS ("1 2 3"), ARMS ("dp reward codat"), UPDATES (30), THREADS (1), NCM_SCORER (""),
-#        STAGE (all | train | eval); extra key=value overrides go to every `codat train`.
-# The base itself is evaluated the same way as OUT/base.
+#        STAGE (all | train | eval), BASE_EVAL (1: also evaluate the base itself, as OUT/base);
+#        extra key=value overrides go to every `codat train`. Several copies of this script
+#        may share one OUT, each with its own SEEDS / ARMS (and BASE_EVAL=0 in all but one).
 set -euo pipefail
 base=${1:?usage: codat_experiment.sh BASE DATA_DIR RAW_DIR OUT [key=value ...]}
 data=${2:?usage}
@@ -66,7 +67,7 @@ evaluate() {  # evaluate CHECKPOINT EVAL_DIR
   fi
 }
 
-if [[ $stage != train ]]; then
+if [[ $stage != train && ${BASE_EVAL:-1} == 1 ]]; then
   evaluate "$base" "$out/base/eval"
 fi
 for seed in $seeds; do

@@ -4,7 +4,9 @@ loss over the split computed in one batch (batching-invariant, no-path sentences
 `sample_stats` are `codat_term`'s statistics averaged over sentences; `evaluate` reports the
 corpus BLEU of `translate_ids` and adds the sample statistics only for DAT; `analyze`'s NCM
 equals the DP log-likelihood recomputed directly and its Oracle BLEU is at least the reranked
-BLEU; `tune_beta` reranks the same samples with every weight (ties: nearest 0.5).
+BLEU; its Spearman statistic is the mean of `loop_spearman` (textbook ranks) over the rows of
+s_k and sentence BLEU, and `spearman_rows` equals that loop with ties and constant rows;
+`tune_beta` reranks the same samples with every weight (ties: nearest 0.5).
 """
 
 from __future__ import annotations

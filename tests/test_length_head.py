@@ -26,7 +26,7 @@ from codat.checkpoint import load_model, save_checkpoint
 from codat.config import DecodeConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict
 from codat.dat import DATransformer
 from codat.dat_train import StepOptions, dat_sentence_loss, dat_step, glanced_dp_loss, length_loss
-from codat.data import BOS_ID, EOS_ID, PAD_ID, Batch, read_lines
+from codat.data import BOS_ID, EOS_ID, PAD_ID, Batch, ParallelData, read_lines
 from codat.generate import Translator, batch_sources, source_tensor, translate_ids
 
 NULL = contextlib.nullcontext()
@@ -300,6 +300,19 @@ def test_train_and_generate_through_the_cli_follow_the_predicted_length(tmp_path
     assert train_rows[-1]["length_loss"] < 0.5 * train_rows[0]["length_loss"]
     (valid,) = [r for r in rows if "valid_loss" in r]
     assert math.isfinite(valid["valid_loss"]) and math.isfinite(valid["valid_cl_loss"])
+    # The validation row's length accuracy and error, recomputed from the saved model on val.
+    val = ParallelData.load(data, "val")
+    b = val.collate(list(range(len(val))))
+    with torch.no_grad():
+        head = load_model(tmp_path / "run" / "best")[0].eval().encode(b.src_ids, b.src_lens)
+    predicted = head.length_logits.argmax(-1)
+    assert valid["valid_length_acc"] == pytest.approx(
+        float((predicted == b.tgt_lens).double().mean())
+    )
+    assert valid["valid_length_mae"] == pytest.approx(
+        float((predicted - b.tgt_lens).abs().double().mean())
+    )
+    assert valid["valid_length_acc"] == 1.0  # the two lengths are learnt
 
     src = data / "test.src.txt"
     capsys.readouterr()

@@ -161,16 +161,40 @@ class Validation:
         core.train(was_training)
         return {f"valid_{k}": v / max(n, 1) for k, v in sums.items()}
 
+    @torch.no_grad()
+    def length_stats(self, core: nn.Module, cfg: RunConfig) -> dict[str, float]:
+        """model.upsample predict: how well the length head sizes the graphs decoding builds,
+        over the split: "valid_length_acc" (its argmax equals the reference length, counting <s>
+        and </s>, as the training row's length_acc) and "valid_length_mae" (mean absolute error in
+        tokens)."""
+        was_training = core.training
+        core.eval()
+        hits, error = 0, 0
+        for idx in token_batches(
+            self.data.src_lens, max_tokens=cfg.train.max_tokens, shuffle=False
+        ):
+            b = self.data.collate(idx).to(self.device)
+            with self.autocast:
+                predicted = core.encode(b.src_ids, b.src_lens).length_logits.argmax(-1)
+            hits += int((predicted == b.tgt_lens).sum())
+            error += int((predicted - b.tgt_lens).abs().sum())
+        core.train(was_training)
+        n = max(len(self.data), 1)
+        return {"valid_length_acc": hits / n, "valid_length_mae": error / n}
+
     def evaluate(self, core: nn.Module, cfg: RunConfig) -> dict:
         """Validation loss (no glancing), for DAT with `codat.eval_sentences` > 0 the sample
         statistics, the corpus BLEU of `train.valid_decoder` ('' = decode.decoder, the decoder
         that is reported; "valid_bleu", tokenizer
-        `data.tokenize`), its first hypothesis ("example"), and the checkpoint selection score
+        `data.tokenize`), for model.upsample predict the length head's `length_stats`, its first
+        hypothesis ("example"), and the checkpoint selection score
         "valid_score" of `data.valid_metric` (= valid_bleu for bleu; for rouge also each ROUGE
         type as "valid_score_rouge1", ...; for chrf "valid_score_chrf")."""
         result = {"valid_loss": self.dp_loss(core, cfg)}
         if cfg.model.arch == "dat" and cfg.codat.eval_sentences > 0:
             result.update(self.sample_stats(core, cfg))
+        if getattr(core, "length_head", None) is not None and cfg.model.arch == "dat":
+            result.update(self.length_stats(core, cfg))
         was_training = core.training
         core.eval()
         with torch.no_grad(), self.autocast:
