@@ -22,8 +22,8 @@ data=${2:?usage}
 raw=${3:?usage}
 out=${4:?usage}
 shift 4
-seeds=${SEEDS:-1 2 3}
-arms=${ARMS:-dp reward codat}
+seeds=${SEEDS-1 2 3}
+arms=${ARMS-dp reward codat}
 updates=${UPDATES:-30}
 threads=${THREADS:-1}
 stage=${STAGE:-all}

@@ -336,7 +336,11 @@ def codat_term(
         count=codat.per_sentence(objective),
         alpha=alpha,
         pad_id=PAD_ID,
-        filter_key=score_filter_key(token_logp_vocab, out, samples, codat=codat),
+        filter_key=(
+            score_filter_key(token_logp_vocab, out, samples, codat=codat)
+            if objective == "codat"  # reward takes the first samples: no ranking key
+            else None
+        ),
     )
     scores, chosen, target_lens = None, selected.chosen, None
     if len(chosen.rows):
