@@ -82,7 +82,8 @@ def main() -> None:
     for name, values in norms.items():
         ratios = [v / d for v, d in zip(values, norms["dp"], strict=True)]
         spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-        print(f"| {name} | {statistics.mean(values):.4g} | {statistics.mean(ratios):.3g} ± {spread:.2g} |")
+        norm, ratio = statistics.mean(values), statistics.mean(ratios)
+        print(f"| {name} | {norm:.4g} | {ratio:.3g} ± {spread:.2g} |")
 
 
 if __name__ == "__main__":

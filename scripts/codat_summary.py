@@ -28,6 +28,12 @@ def read(path: pathlib.Path) -> list[str]:
 def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
+    if max(abs(v) for v in values) < 1:
+        return (
+            f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+            if len(values) > 1
+            else f"{values[0]:.4f}"
+        )
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
@@ -36,7 +42,10 @@ def mean_std(values: list[float]) -> str:
 def paired_p(base: list[str], system: list[str], refs: list[str]) -> float:
     """sacreBLEU's paired bootstrap p-value of `system` against `base` (1000 resamples)."""
     test = PairedTest(
-        [("base", base), ("system", system)], {"BLEU": BLEU()}, [refs], test_type="bs",
+        [("base", base), ("system", system)],
+        {"BLEU": BLEU()},
+        [refs],
+        test_type="bs",
         n_samples=1000,
     )
     return float(test()[1]["BLEU"][1].p_value)
@@ -78,8 +87,11 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(TESTS) * len(DECODERS)))
     if ("base", 0) in evals:
         r = result["runs"]["base-s0"]
-        cells = [f"{r[f'{t}.{dec}']:.2f}" if r[f"{t}.{dec}"] is not None else "–"
-                 for t in TESTS for dec in DECODERS]
+        cells = [
+            f"{r[f'{t}.{dec}']:.2f}" if r[f"{t}.{dec}"] is not None else "–"
+            for t in TESTS
+            for dec in DECODERS
+        ]
         print("| stage 1 (start) | – | " + " | ".join(cells) + " |")
     for arm in arms:
         cells = []
@@ -111,6 +123,17 @@ def main() -> None:
                     result["runs"][f"{arm}-s{seed}"][f"{t}.{dec}.vs_dp"] = {"diff": diff, "p": p}
                     cells.append(f"{diff:+.2f} (p = {p:.3f})")
             print(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
+        diffs = []
+        for t in TESTS:
+            for dec in DECODERS:
+                vals = [
+                    result["runs"][f"{arm}-s{s}"][f"{t}.{dec}.vs_dp"]["diff"]
+                    for s in sorted(runs[arm])
+                    if f"{t}.{dec}.vs_dp" in result["runs"][f"{arm}-s{s}"]
+                ]
+                result["arms"].setdefault(arm, {})[f"{t}.{dec}.vs_dp"] = vals
+                diffs.append(mean_std(vals))
+        print(f"| {arm} | mean ± std | " + " | ".join(diffs) + " |")
 
     print("\nval (first 200 sentences, 128 samples): Spearman(s_k, sentence BLEU), Oracle BLEU,")
     print("distinct samples per sentence; NCM on test_2016_flickr (AT scorer) when measured")
@@ -129,6 +152,14 @@ def main() -> None:
             else f"| {name} | – | {v['oracle_bleu']:.2f} | {v['rerank_bleu']:.2f} | "
             f"{v['distinct_per_sentence']:.1f} | {ncm} |"
         )
+    print("\n| arm | Spearman (mean ± std over seeds) | Oracle BLEU | NCM |")
+    print("|---|---|---|---|")
+    for arm in arms:
+        rows = [result["runs"][f"{arm}-s{s}"] for s in sorted(runs[arm])]
+        rho = [r["val"]["spearman_score_bleu"] for r in rows if r.get("val")]
+        oracle = [r["val"]["oracle_bleu"] for r in rows if r.get("val")]
+        ncm = [r["ncm"]["ncm"] for r in rows if r.get("ncm")]
+        print(f"| {arm} | {mean_std(rho, 4)} | {mean_std(oracle)} | {mean_std(ncm, 4)} |")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
 
