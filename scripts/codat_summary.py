@@ -25,18 +25,12 @@ def read(path: pathlib.Path) -> list[str]:
     return path.read_text(encoding="utf-8").split("\n")[:-1]
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "–"
-    if max(abs(v) for v in values) < 1:
-        return (
-            f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-            if len(values) > 1
-            else f"{values[0]:.4f}"
-        )
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def paired_p(base: list[str], system: list[str], refs: list[str]) -> float:
