@@ -57,15 +57,20 @@ def test_dp_gate_hand_case_and_float64():
 # duplicate_mask
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_duplicate_mask_matches_loop_with_junk_beyond_lengths(seed):
+def _repeating_samples(seed: int, B: int = 3, K: int = 9, T: int = 4):
+    """(B, K, T) samples and (B, K) lengths with many repeats: few symbols and short lengths,
+    junk (pad included) after each length."""
     g = torch.Generator().manual_seed(seed)
-    B, K, T = 3, 9, 4
     lengths = torch.randint(0, T + 1, (B, K), generator=g)
-    # Few symbols and short lengths: many duplicates. Junk (pad included) after each length.
     tokens = torch.randint(4, 6, (B, K, T), generator=g)
     junk = torch.randint(0, 10, (B, K, T), generator=g)
-    tokens = torch.where(torch.arange(T) < lengths.unsqueeze(-1), tokens, junk)
+    return torch.where(torch.arange(T) < lengths.unsqueeze(-1), tokens, junk), lengths
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_duplicate_mask_matches_loop_with_junk_beyond_lengths(seed):
+    tokens, lengths = _repeating_samples(seed)
+    B, K, _ = tokens.shape
     got = duplicate_mask(tokens, lengths, pad_id=PAD_ID)
     expected = loop_duplicate_mask(tokens.tolist(), lengths.tolist())
     assert got.dtype == torch.bool
@@ -75,12 +80,8 @@ def test_duplicate_mask_matches_loop_with_junk_beyond_lengths(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_compact_distinct_packs_each_distinct_sample_once_and_maps_every_sample_back(seed):
-    g = torch.Generator().manual_seed(seed)
-    B, K, T = 3, 9, 4
-    lengths = torch.randint(0, T + 1, (B, K), generator=g)
-    tokens = torch.randint(4, 6, (B, K, T), generator=g)
-    junk = torch.randint(0, 10, (B, K, T), generator=g)
-    tokens = torch.where(torch.arange(T) < lengths.unsqueeze(-1), tokens, junk)
+    tokens, lengths = _repeating_samples(seed)
+    B, K, T = tokens.shape
     packed, packed_lens, slot = compact_distinct(tokens, lengths, pad_id=PAD_ID)
     dup = loop_duplicate_mask(tokens.tolist(), lengths.tolist())
     D = max(K - sum(row) for row in dup)
