@@ -221,7 +221,7 @@ def test_analyze_spearman_is_the_mean_of_the_rows_of_scores_and_bleu(data, trans
     dc = DecodeConfig(samples=6, temperature=2.0, max_tokens=64)
     result = analyze(translator, split, refs, dc)
     rhos = []
-    for b, _, samples, marginal in sample_split(translator, split, dc, progress=False):
+    for b, _, samples, marginal in sample_split(translator, split, dc, progress=False, scores=True):
         assert marginal.shape == samples.lengths.shape
         want = marginal_scores(translator.model(b.src_ids, b.src_lens), samples)
         torch.testing.assert_close(marginal, want)

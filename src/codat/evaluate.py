@@ -193,7 +193,7 @@ class Validation:
         result = {"valid_loss": self.dp_loss(core, cfg)}
         if cfg.model.arch == "dat" and cfg.codat.eval_sentences > 0:
             result.update(self.sample_stats(core, cfg))
-        if getattr(core, "length_head", None) is not None and cfg.model.arch == "dat":
+        if cfg.model.arch == "dat" and cfg.model.upsample == "predict":
             result.update(self.length_stats(core, cfg))
         was_training = core.training
         core.eval()
@@ -214,11 +214,16 @@ class Validation:
 
 @torch.no_grad()
 def sample_split(
-    translator: Translator, data: ParallelData, dc: DecodeConfig, *, progress: bool = True
-) -> Iterator[tuple[Batch, torch.Tensor, DagSamples, torch.Tensor]]:
+    translator: Translator,
+    data: ParallelData,
+    dc: DecodeConfig,
+    *,
+    progress: bool = True,
+    scores: bool = False,
+) -> Iterator[tuple[Batch, torch.Tensor, DagSamples, torch.Tensor | None]]:
     """For each batch of the split: the batch, its reference DP log-likelihood (B,), K samples
-    per sentence (drawn with `dc`'s samples / temperature / top_p / top_tokens / seed) and their
-    scores s_k (B, K) (`marginal_scores`)."""
+    per sentence (drawn with `dc`'s samples / temperature / top_p / top_tokens / seed) and, with
+    `scores`, their scores s_k (B, K) (`marginal_scores`: a K-sample DP), else None."""
     model, device = translator.model, translator.device
     model.eval()
     generator = torch.Generator(device=device).manual_seed(dc.seed)
@@ -230,7 +235,7 @@ def sample_split(
         tok = gather_token_logp(out.token_logits, b.tgt_ids)
         ll = dag_log_likelihood(tok, out.trans_logp, out.graph_lens, b.tgt_lens)
         samples = draw_samples(out, dc, generator)
-        yield b, ll, samples, marginal_scores(out, samples)
+        yield b, ll, samples, marginal_scores(out, samples) if scores else None
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, K) float64
@@ -289,7 +294,7 @@ def analyze(
     reranked: list[list[int]] = [[] for _ in range(n)]
     nll, length, no_path, mean_bleu, distinct = 0.0, 0, 0, 0.0, 0.0
     rho_sum, rho_rows = 0.0, 0
-    for b, ll, samples, marginal in sample_split(translator, data, dc):
+    for b, ll, samples, marginal in sample_split(translator, data, dc, scores=True):
         finite = torch.isfinite(ll)
         no_path += int((~finite).sum())
         nll += float(-ll[finite].sum())

@@ -25,6 +25,22 @@ def dp_gate(
     return torch.isfinite(ref_loss) & (ref_loss <= alpha)
 
 
+def _first_copies(
+    tokens: torch.Tensor,  # (B, K, T) sample ids
+    lengths: torch.Tensor,  # (B, K)
+    *,
+    pad_id: int,
+) -> torch.Tensor:  # (B, K) long
+    """For each sample, the index of the first sample of its sentence identical to it (up to
+    its length): itself for a distinct sample, an earlier one for a duplicate."""
+    B, K, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device)
+    clean = tokens.masked_fill(pos >= lengths.unsqueeze(-1), pad_id)
+    same = (clean.unsqueeze(2) == clean.unsqueeze(1)).all(-1)  # (B, K, K)
+    same = same & torch.ones(K, K, dtype=torch.bool, device=tokens.device).tril()
+    return same.int().argmax(-1)
+
+
 def duplicate_mask(
     tokens: torch.Tensor,  # (B, K, T) sample ids
     lengths: torch.Tensor,  # (B, K)
@@ -32,12 +48,8 @@ def duplicate_mask(
     pad_id: int,
 ) -> torch.Tensor:  # (B, K) bool
     """True for a sample identical (up to its length) to an earlier sample of the same sentence."""
-    B, K, T = tokens.shape
-    pos = torch.arange(T, device=tokens.device)
-    clean = tokens.masked_fill(pos >= lengths.unsqueeze(-1), pad_id)
-    same = (clean.unsqueeze(2) == clean.unsqueeze(1)).all(-1)  # (B, K, K)
-    earlier = torch.ones(K, K, dtype=torch.bool, device=tokens.device).tril(-1)
-    return (same & earlier).any(-1)
+    first = _first_copies(tokens, lengths, pad_id=pad_id)
+    return first != torch.arange(tokens.shape[1], device=tokens.device)
 
 
 def compact_distinct(
@@ -51,11 +63,7 @@ def compact_distinct(
     first sample), and slot (B, K): where each sample's first copy landed, so that a per-sample
     quantity computed on the packed samples is `packed.gather(1, slot)` for all K."""
     B, K, T = tokens.shape
-    pos = torch.arange(T, device=tokens.device)
-    clean = tokens.masked_fill(pos >= lengths.unsqueeze(-1), pad_id)
-    same = (clean.unsqueeze(2) == clean.unsqueeze(1)).all(-1)  # (B, K, K)
-    same = same & torch.ones(K, K, dtype=torch.bool, device=tokens.device).tril()
-    first = same.int().argmax(-1)  # (B, K): the first j <= k identical to sample k
+    first = _first_copies(tokens, lengths, pad_id=pad_id)
     distinct = first == torch.arange(K, device=tokens.device)
     rank = distinct.long().cumsum(1) - 1  # slot of each distinct sample
     slot = rank.gather(1, first)
