@@ -124,11 +124,15 @@ def dag_log_likelihood_shared(
 # term of column j up to the factor exp(m_b + c_bj). A block sum s_bj >= _TINY is exact to fp32:
 # every term that underflows (< 2^-126, at most _BLOCK of them) is below 2^-56 of it. A smaller
 # s_bj whose bound exp(m_b + c_bj) * 2 * _TINY is not negligible (within _RELEVANT nats) against
-# the column's exact blocks is recomputed in log space (`_exact_blocks`); the others cannot move
-# the sum.
+# the column's largest block is recomputed in log space; the others cannot move the sum.
+# alpha is kept relative to a running shift (its max is 0 after every step, the shift is summed in
+# float64), so the weights exp(m_b + c_bj - ell_j) of the backward pass are computed from numbers
+# of the size of alpha's spread within one step, not of the whole log-likelihood.
 _BLOCK = 32
 _TINY = 2.0**-64
 _RELEVANT = 40.0
+_FLAG_MARGIN = _RELEVANT + math.log(2 * _TINY)  # flag a block whose m_b + c_bj > max_b v - this
+_EXP_FLOOR = -87.0  # exp below this is subnormal or 0 in float32
 
 
 def _blocks(L: int) -> tuple[int, int]:
@@ -137,59 +141,52 @@ def _blocks(L: int) -> tuple[int, int]:
     return size, -(-L // size)
 
 
-def _exact_terms(alpha_blk, trans_blk, idx, shift_m, shift_c):
-    """(alpha_k - shift_m) + (E_kj - shift_c) for k in the block of each flagged (b, block, kk, j).
+def _exact_terms(a_blk, m, trans_blk, col_max, at):
+    """(alpha_k - m_b) + (E_kj - c_bj) for the sources k of each flagged (b, block, kk, j).
 
-    alpha_blk (B, nb, K, bs), trans_blk (B, nb, bs, L), idx (n, 4), shifts (n,) -> (n, bs). The
-    two differences are exact, their sum small: no term passes through a rounded alpha + E."""
-    b, blk, kk, j = idx.unbind(1)
-    a = alpha_blk[b, blk, kk] - shift_m.unsqueeze(1)
-    return a + (trans_blk[b, blk, :, j] - shift_c.unsqueeze(1))
+    a_blk (B, nb, K, bs), m (B, nb, K, 1), trans_blk (B, nb, bs, L), col_max (B, nb, 1, L); `at`
+    the four index tensors of n flagged cells -> (n, bs). Both differences are exact and small."""
+    b, blk, kk, j = at
+    rel_a = a_blk[b, blk, kk] - m[b, blk, kk]
+    return rel_a + (trans_blk[b, blk, :, j] - col_max[b, blk, 0, j].unsqueeze(1))
 
 
-def _block_step(alpha_blk, trans_blk, trans_exp, col_max):
+def _exp_floor(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x <= 0, with 0 where x < _EXP_FLOOR; in place on x.
+
+    Vectorised exp is ~100x slower on inputs whose result underflows (and on -inf) than on normal
+    ones, so the small ones are clamped first and zeroed after: they are below 2^-125 anyway."""
+    keep = x >= _EXP_FLOOR
+    return x.clamp_min_(_EXP_FLOOR).exp_().mul_(keep)
+
+
+def _block_step(a_blk, m, trans_blk, trans_exp, col_max):
     """ell_j = log sum_k exp(alpha_k + E_kj) of one target step, exact (see _BLOCK).
 
-    alpha_blk (B, nb, K, bs); trans_blk, trans_exp (B, nb, bs, L); col_max (B, nb, 1, L).
-    Returns ell (B, K, L) and, for the backward pass, the pivot parts and total (B, K, L) with
-    ell = piv_m + piv_c + log(total), the ratio exp(m_b + c_bj - pivot) / total of the blocks
-    summed in scaled space (0 elsewhere), (B, nb, K, L), and the (n, 4) index of the blocks summed
-    exactly. The pivot is the largest block's m_b + c_bj (+ its log-sum if summed exactly), kept
-    in two parts so that no weight passes through the rounding of a large alpha + E.
+    a_blk (B, nb, K, bs) holds alpha by vertex block, m (B, nb, K, 1) its block maxima;
+    trans_blk, trans_exp (B, nb, bs, L); col_max (B, nb, 1, L). Returns ell (B, K, L), the block
+    exponentials p (B, nb, K, bs) and the index tuple of the blocks summed in log space.
     """
-    B, nb, K, bs = alpha_blk.shape
+    B, nb, K, bs = a_blk.shape
     L = trans_exp.shape[3]
-    m = alpha_blk.amax(dim=3, keepdim=True)  # (B, nb, K, 1)
-    p = (alpha_blk - _finite_or_zero(m)).exp()
+    p = _exp_floor(a_blk - m.nan_to_num(neginf=0.0))
     s = torch.bmm(p.reshape(B * nb, K, bs), trans_exp.view(B * nb, bs, L)).view(B, nb, K, L)
-    scale = m + col_max  # the block's term is s * exp(scale)
-    ok = s >= _TINY
-    v = torch.where(ok, safe_log(s) + scale, NEG_INF)
-    bound = scale + math.log(2 * _TINY)  # log of an upper bound of a block with s < _TINY
-    known = v.amax(dim=1, keepdim=True)
-    idx = ((~ok) & (bound > known - _RELEVANT) & (bound > NEG_INF)).nonzero()
-    at = tuple(idx.unbind(1))
-    piv_c = col_max.expand(-1, -1, K, -1)
-    if len(idx):  # log sum of the block relative to its own m_b + c_bj
-        own_m, own_c = m[at[0], at[1], at[2], 0], col_max[at[0], at[1], 0, at[3]]
-        rel_sum = logsumexp_safe(_exact_terms(alpha_blk, trans_blk, idx, own_m, own_c), dim=1)
-        v = v.index_put(at, scale[at] + rel_sum)
-        piv_c = piv_c.index_put(at, piv_c[at] + _finite_or_zero(rel_sum))
-    best = v.argmax(dim=1, keepdim=True)  # (B, 1, K, L)
-    piv_m = _finite_or_zero(m.expand(-1, -1, -1, L).gather(1, best))
-    piv_c = _finite_or_zero(piv_c.gather(1, best))
-    rel = torch.where(ok, ((m - piv_m) + (col_max - piv_c)).exp(), 0.0)
-    contrib = s * rel
-    piv_m, piv_c = piv_m.squeeze(1), piv_c.squeeze(1)  # (B, K, L)
-    if len(idx):
-        at_piv = (at[0], at[2], at[3])
-        terms = _exact_terms(alpha_blk, trans_blk, idx, piv_m[at_piv], piv_c[at_piv])
-        contrib = contrib.index_put(at, terms.exp().sum(dim=1))
-    total = contrib.sum(dim=1)  # (B, K, L)
-    ell = torch.where(total > 0, piv_m + (piv_c + safe_log(total)), NEG_INF)
-    has = (total > 0).unsqueeze(1)
-    ratio = torch.where(has, rel / torch.where(has, total.unsqueeze(1), 1.0), 0.0)
-    return ell, (piv_m, piv_c, total), ratio, idx
+    scale = m + col_max  # the block's term is s * exp(scale); -inf for an empty block or column
+    ok = s >= _TINY  # exact in scaled space; log(0) is slow, so only these are logged
+    v = torch.where(ok, s.clamp_min(_TINY).log_().add_(scale), NEG_INF)
+    top = v.amax(dim=1, keepdim=True)
+    flagged = torch.where(ok, NEG_INF, scale) > top - _FLAG_MARGIN
+    at = ()
+    if bool(flagged.any()):  # redo these in log space (~1% of the cells on mild inputs)
+        at = tuple(flagged.nonzero().unbind(1))
+        rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
+        v = v.index_put(at, scale[at] + logsumexp_safe(rel, dim=1))
+        top = v.amax(dim=1, keepdim=True)
+    top = top.squeeze(1)
+    reached = torch.isfinite(top)
+    total = (v - torch.where(reached, top, 0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
+    ell = torch.where(reached, total.sum(dim=1).log_().add_(top), NEG_INF)
+    return ell, p, at
 
 
 class _ForwardDP(torch.autograd.Function):
@@ -208,45 +205,76 @@ class _ForwardDP(torch.autograd.Function):
         trans_blk[:, :L] = trans_logp
         trans_blk = trans_blk.view(B, nb, bs, L)
         col_max = trans_blk.amax(dim=2, keepdim=True)  # (B, nb, 1, L)
-        trans_exp = (trans_blk - _finite_or_zero(col_max)).exp()  # (B, nb, bs, L) in [0, 1]
-        alpha = token_logp.new_full((B, K, nb * bs), NEG_INF)
-        alpha[:, :, 0] = token_logp[:, :, 0, 0]
+        trans_exp = _exp_floor(trans_blk - col_max.nan_to_num(neginf=0.0))  # (B, nb, bs, L)
+        a = token_logp.new_full((B, K, nb * bs), NEG_INF)
+        start = token_logp[:, :, 0, 0]
+        shift = start.nan_to_num(neginf=0.0).double()  # alpha = a + shift
+        a[:, :, 0] = start - shift
         last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
-        at_last = [alpha.gather(2, last)]
+        at_last = [a.gather(2, last).squeeze(2) + shift]
         T = max(N - 1, 0)
-        saved = token_logp.new_empty(4, B, K, T, nb * bs) if grad else None  # alpha, parts
-        ratios = token_logp.new_empty(B, nb, T, K, L) if grad else None
+        saved_a = token_logp.new_empty(B, T, K, nb * bs) if grad else None
+        saved_ell = token_logp.new_empty(B, T, K, L) if grad else None
+        saved_m = token_logp.new_empty(B, nb, T, K) if grad else None
+        probs = token_logp.new_empty(B, nb, bs, T, K) if grad else None  # exp(alpha - m_b)
         flagged = []
         for t in range(1, N):
-            a = alpha.view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
-            ell, parts, ratio, idx = _block_step(a, trans_blk, trans_exp, col_max)
-            flagged.append(idx)
+            a_blk = a.view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
+            m = a_blk.amax(dim=3, keepdim=True)
+            ell, p, at = _block_step(a_blk, m, trans_blk, trans_exp, col_max)
+            flagged.append(at)
             if grad:
-                saved[0, :, :, t - 1] = alpha
-                for i, part in enumerate(parts, start=1):
-                    saved[i, :, :, t - 1, :L] = part
-                ratios[:, :, t - 1] = ratio
-            alpha = torch.cat([ell + token_logp[:, :, :, t], alpha[:, :, L:]], dim=2)
-            at_last.append(alpha.gather(2, last))
-        result = torch.cat(at_last, dim=2).gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2)
+                probs[:, :, :, t - 1] = p.transpose(2, 3)
+                saved_a[:, t - 1] = a
+                saved_ell[:, t - 1] = ell
+                saved_m[:, :, t - 1] = m.squeeze(3)
+            alpha = ell + token_logp[:, :, :, t]
+            top = alpha.amax(dim=2).nan_to_num_(neginf=0.0)
+            shift = shift + top
+            a = torch.cat([alpha - top.to(alpha.dtype).unsqueeze(2), a[:, :, L:]], dim=2)
+            at_last.append(a.gather(2, last).squeeze(2) + shift)
+        ends = torch.stack(at_last, dim=2).gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2)
+        result = ends.to(token_logp.dtype)
         ctx.flagged = flagged
-        ctx.save_for_backward(trans_blk, trans_exp, saved, ratios, graph_lens, target_lens, result)
+        ctx.save_for_backward(
+            trans_blk,
+            trans_exp,
+            col_max,
+            saved_a,
+            saved_ell,
+            saved_m,
+            probs,
+            graph_lens,
+            target_lens,
+            result,
+        )
         ctx.token_shape = (B, K, L, N)
         return result
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        trans_blk, trans_exp, saved, ratios, graph_lens, target_lens, result = ctx.saved_tensors
+        (
+            trans_blk,
+            trans_exp,
+            col_max,
+            saved_a,
+            saved_ell,
+            saved_m,
+            probs,
+            graph_lens,
+            target_lens,
+            result,
+        ) = ctx.saved_tensors
         B, K, L, N = ctx.token_shape
         bs, nb = _blocks(L)
+        T = max(N - 1, 0)
         last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
         # A -inf result passes no gradient (and must not: its paths all have probability 0).
         grad_out = torch.where(torch.isfinite(result), grad_out, torch.zeros_like(grad_out))
         grad_token = grad_out.new_zeros(B, K, L, N)
-        grad_blk = trans_exp.new_zeros(B, nb, L, bs)  # exactly summed blocks' part, transposed
-        probs = trans_exp.new_empty(B, nb, bs, max(N - 1, 0), K)  # exp(alpha_{t-1} - m_b)
+        grad_blk = trans_exp.new_zeros(B, nb, L, bs)  # log-space blocks' part, transposed
+        ds_all = trans_exp.new_empty(B, nb, T, K, L)  # dZ/ds_bj of every step
         d_alpha = grad_out.new_zeros(B, K, L)
-        ds_all = torch.empty_like(ratios)  # dZ/ds_t
         trans_exp_t = trans_exp.view(B * nb, bs, L).transpose(1, 2)
         for t in range(N - 1, -1, -1):
             ends_here = target_lens - 1 == t  # (B, K)
@@ -256,18 +284,23 @@ class _ForwardDP(torch.autograd.Function):
             grad_token[:, :, :, t] = d_alpha
             if t == 0:
                 break
-            ds = ds_all[:, :, t - 1]  # (B, nb, K, L)
-            torch.mul(ratios[:, :, t - 1], d_alpha.unsqueeze(1), out=ds)
-            a = saved[0, :, :, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
-            p = (a - _finite_or_zero(a.amax(dim=3, keepdim=True))).exp()
-            probs[:, :, :, t - 1] = p.transpose(2, 3)
-            d_prev = torch.bmm(ds.reshape(B * nb, K, L), trans_exp_t).view(B, nb, K, bs) * p
-            idx = ctx.flagged[t - 1]
-            if len(idx):  # exactly summed blocks: weights exp(alpha_k + E_kj - ell_j)
-                b, blk, kk, j = idx.unbind(1)
-                piv_m, piv_c, total = saved[1:, b, kk, t - 1, j]
-                w = _exact_terms(a, trans_blk, idx, piv_m, piv_c).exp()  # (n, bs)
-                w = w * (d_alpha[b, kk, j] / torch.where(total > 0, total, 1.0)).unsqueeze(1)
+            a_blk = saved_a[:, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
+            m = saved_m[:, :, t - 1].unsqueeze(3)  # (B, nb, K, 1)
+            ell = saved_ell[:, t - 1]
+            ell = torch.where(torch.isfinite(ell), ell, float("inf")).unsqueeze(1)
+            ds = ds_all[:, :, t - 1]  # (B, nb, K, L): exp(m_b + c_bj - ell_j) * dZ/dell_j
+            torch.sub(m + col_max, ell, out=ds)
+            ds.copy_(_exp_floor(ds)).mul_(d_alpha.unsqueeze(1))
+            at = ctx.flagged[t - 1]
+            if at:
+                ds.index_put_(at, ds.new_zeros(()))
+            p = probs[:, :, :, t - 1].transpose(2, 3)  # (B, nb, K, bs)
+            d_prev = torch.bmm(ds.reshape(B * nb, K, L), trans_exp_t).view(B, nb, K, bs).mul_(p)
+            if at:  # log-space blocks: weights exp(alpha_k + E_kj - ell_j)
+                b, blk, kk, j = at
+                rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
+                lift = (m[b, blk, kk, 0] + col_max[b, blk, 0, j]) - ell[b, 0, kk, j]
+                w = (rel + lift.unsqueeze(1)).exp() * d_alpha[b, kk, j].unsqueeze(1)
                 d_prev.index_put_((b, blk, kk), w, accumulate=True)
                 grad_blk.index_put_((b, blk, j), w, accumulate=True)
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
