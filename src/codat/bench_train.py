@@ -26,6 +26,7 @@ from codat.config import RunConfig
 from codat.dat_train import StepOptions, dat_step
 from codat.data import Batch, token_batches
 from codat.layers import set_attention_fp32_on_cpu
+from codat.loop import example_sizes
 from codat.memory import keep_freed_memory
 from codat.train import resolve_model_config, trainable_pairs
 
@@ -118,8 +119,9 @@ class StepRunner:
 
 def benchmark_batches(cfg: RunConfig, *, count: int, seed: int) -> list[Batch]:
     """`count` training batches of `cfg` (train.max_tokens each, as the training loop draws)."""
-    data, indices = trainable_pairs(cfg, build_model(cfg.model))
-    sizes = torch.maximum(data.src_lens, data.tgt_lens)
+    model = build_model(cfg.model)
+    data, indices = trainable_pairs(cfg, model)
+    sizes = example_sizes(cfg.train, model, data)
     order = token_batches(
         sizes, max_tokens=cfg.train.max_tokens, shuffle=True, seed=seed, indices=indices
     )

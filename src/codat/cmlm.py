@@ -87,6 +87,10 @@ class CMLM(nn.Module):
         """The longest trainable <s> y </s>: the length head's max_length content tokens + 2."""
         return torch.full_like(src_lens, self.max_length + 2)
 
+    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
+        """Decoder positions of each training pair: its target length."""
+        return tgt_lens
+
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> NatEncoded:
         return encode_source(self.encoder, src_ids, src_lens)
 

@@ -16,6 +16,7 @@ import yaml
 
 ARCHS = ("dat", "at", "nat", "glat", "ctc", "cmlm")
 OBJECTIVES = ("dp", "codat", "reward")
+BATCH_BY = ("longest", "graph")  # train.batch_by
 # DAT graph sizes (model.upsample): from the source length, or from the length head's prediction.
 UPSAMPLES = ("source", "predict")
 # DAT sampler modes (`codat.decode.sampling_distribution`): log = log-joint scores / tau (codat's
@@ -194,7 +195,12 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     clip_norm: float = 0.1
-    max_tokens: int = 4096  # per micro-batch: batch size * longest (source or target) length
+    max_tokens: int = 4096  # per micro-batch: batch size * longest size (see batch_by)
+    # what an example's size is: longest = max(source, target) length; graph = max(source length,
+    # decoder positions in training): the DAG's L = lambda * m (or lambda * n with model.upsample
+    # predict) for dat, lambda * m for ctc, the target length otherwise. graph bounds the (B, L, L)
+    # transitions and (B, L, V) logits of a micro-batch, whose size lambda multiplies.
+    batch_by: str = "longest"
     update_freq: int = 1  # gradient accumulation micro-batches per update
     max_steps: int = 300000
     max_minutes: float = 0.0  # wall-time budget; 0 = none
@@ -239,6 +245,8 @@ class TrainConfig:
             raise ValueError("train.glance_start and train.glance_end must be in [0, 1]")
         if self.max_tokens < 16:
             raise ValueError(f"train.max_tokens={self.max_tokens} is too small")
+        if self.batch_by not in BATCH_BY:
+            raise ValueError(f"train.batch_by='{self.batch_by}': choose {' or '.join(BATCH_BY)}")
 
 
 _TRAIN_RANGES = {

@@ -103,6 +103,10 @@ class CTCModel(nn.Module):
             min_length=1,
         )
 
+    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
+        """Decoder positions of each training pair: the upsampled source (`output_lengths`)."""
+        return self.output_lengths(src_lens)
+
     def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
         """The longest trainable <s> y </s> of each source: the output size L_b (as DAT's graph
         size bounds its targets; a content y needs L_b >= |y| + its adjacent repeats)."""

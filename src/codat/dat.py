@@ -91,6 +91,11 @@ class DATransformer(nn.Module):
             return torch.full_like(src_lens, self.cfg.max_graph_positions)
         return self.output_lengths(src_lens)
 
+    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
+        """The graph size L_b of each training pair: from the source, or with model.upsample
+        predict from the reference's length n_b (as `encode` sizes it in training)."""
+        return self.graph_sizes(tgt_lens if self.length_head is not None else src_lens)
+
     def encode(
         self,
         src_ids: torch.Tensor,  # (B, S)

@@ -56,6 +56,15 @@ def learning_rate(step: int, tc: TrainConfig) -> float:
     return inverse_sqrt_lr(step, lr=tc.lr, warmup=tc.warmup_steps, init_lr=tc.warmup_init_lr)
 
 
+def example_sizes(tc: TrainConfig, model: torch.nn.Module, data: ParallelData) -> torch.Tensor:
+    """The size of every pair that train.max_tokens bounds (batch size * largest size):
+    max(source, target) length, or with train.batch_by graph max(source length, the model's
+    decoder positions in training, `train_positions`)."""
+    if tc.batch_by == "graph":
+        return torch.maximum(data.src_lens, model.train_positions(data.src_lens, data.tgt_lens))
+    return torch.maximum(data.src_lens, data.tgt_lens)
+
+
 class Loop:
     """The update loop: token-bucketed epochs, gradient accumulation, logging, the time budget,
     validation and checkpoints. `state` (step, epoch, batch_in_epoch, best, elapsed_s, skipped,
@@ -76,7 +85,7 @@ class Loop:
 
     def run(self, data: ParallelData, indices: list[int], signals: StopSignals) -> None:
         tc, state = self.cfg.train, self.state
-        sizes = torch.maximum(data.src_lens, data.tgt_lens)
+        sizes = example_sizes(tc, self.core, data)
         self.bar = tqdm(total=tc.max_steps, initial=state["step"], **bar_options(self.dist.is_main))
         try:
             while True:

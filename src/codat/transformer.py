@@ -67,6 +67,10 @@ class ATransformer(nn.Module):
         """The longest trainable <s> y </s>: the decoder reads <s> y, max_target_positions."""
         return torch.full_like(src_lens, self.cfg.max_target_positions + 1)
 
+    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
+        """Decoder positions of each training pair: its target length."""
+        return tgt_lens
+
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> EncoderOut:
         S = src_ids.shape[1]
         src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
