@@ -409,3 +409,21 @@ def test_best_path_matches_brute_force_on_sharp_inputs(scale):
     want_path, want_score = brute_force_best_path(token_logp, trans_logp, gl, tl)
     assert torch.equal(path, want_path)
     torch.testing.assert_close(score.double(), want_score, rtol=1e-6, atol=1e-4)
+
+
+def test_log_likelihood_under_bf16_autocast_is_the_float32_result():
+    # Validation, analyze and CoDAT's scoring call the DP inside the model's autocast: its
+    # matmuls must stay float32 there (a bf16 bmm would round every block sum to 8 bits).
+    inputs = make_dag_inputs(3, 12, 40, seed=3, scale=3.0)
+    weights = torch.rand(3, dtype=torch.float64) + 0.5
+    tok, tr = _leaves(inputs[0], inputs[1])
+    plain = dag_log_likelihood(tok, tr, inputs[2], inputs[3])
+    plain_grads = _grads(plain, weights.float(), [tok, tr])
+    tok_a, tr_a = _leaves(inputs[0], inputs[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = dag_log_likelihood(tok_a, tr_a, inputs[2], inputs[3])
+        auto_grads = _grads(auto, weights.float(), [tok_a, tr_a])
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+    for a, b in zip(auto_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -133,6 +133,11 @@ _TINY = 2.0**-64
 _RELEVANT = 40.0
 _FLAG_MARGIN = _RELEVANT + math.log(2 * _TINY)  # flag a block whose m_b + c_bj > max_b v - this
 _EXP_FLOOR = -87.0  # exp below this is subnormal or 0 in float32
+# The two factors of the bmm are lifted by e^_LIFT each and cut below e^_CUT of their own scale,
+# so that every product lies in [e^-87, e^83]: subnormal products make a CPU bmm up to 10x
+# slower, and a cut term is below e^-85 of its block's scale, negligible against s >= _TINY.
+_LIFT = 41.5
+_CUT = -85.0
 
 
 def _blocks(L: int) -> tuple[int, int]:
@@ -151,42 +156,45 @@ def _exact_terms(a_blk, m, trans_blk, col_max, at):
     return rel_a + (trans_blk[b, blk, :, j] - col_max[b, blk, 0, j].unsqueeze(1))
 
 
-def _exp_floor(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for x <= 0, with 0 where x < _EXP_FLOOR; in place on x.
+def _exp_floor(x: torch.Tensor, floor: float = _EXP_FLOOR) -> torch.Tensor:
+    """exp(x), with 0 where x < floor (>= _EXP_FLOOR); in place on x.
 
     Vectorised exp is ~100x slower on inputs whose result underflows (and on -inf) than on normal
     ones, so the small ones are clamped first and zeroed after: they are below 2^-125 anyway."""
-    keep = x >= _EXP_FLOOR
-    return x.clamp_min_(_EXP_FLOOR).exp_().mul_(keep)
+    keep = x >= floor
+    return x.clamp_min_(floor).exp_().mul_(keep)
 
 
-def _block_step(a_blk, m, trans_blk, trans_exp, col_max):
+def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     """ell_j = log sum_k exp(alpha_k + E_kj) of one target step, exact (see _BLOCK).
 
     a_blk (B, nb, K, bs) holds alpha by vertex block, m (B, nb, K, 1) its block maxima;
-    trans_blk, trans_exp (B, nb, bs, L); col_max (B, nb, 1, L). Returns ell (B, K, L), the block
-    exponentials p (B, nb, K, bs) and the index tuple of the blocks summed in log space.
+    trans_blk, trans_exp (B, nb, bs, L); col_max (B, nb, 1, L). Writes the block exponentials
+    exp(alpha_k - m_b) into p (B, nb, K, bs) and ell into ell (B, K, L); returns the index tuple
+    of the blocks summed in log space.
     """
     B, nb, K, bs = a_blk.shape
     L = trans_exp.shape[3]
-    p = _exp_floor(a_blk - m.nan_to_num(neginf=0.0))
-    s = torch.bmm(p.reshape(B * nb, K, bs), trans_exp.view(B * nb, bs, L)).view(B, nb, K, L)
-    scale = m + col_max  # the block's term is s * exp(scale); -inf for an empty block or column
-    ok = s >= _TINY  # exact in scaled space; log(0) is slow, so only these are logged
-    v = torch.where(ok, s.clamp_min(_TINY).log_().add_(scale), NEG_INF)
+    _exp_floor(torch.sub(a_blk, m.nan_to_num(neginf=0.0) - _LIFT, out=p), _LIFT + _CUT)
+    # s = e^(2 _LIFT) * sum_k exp(alpha_k - m_b) exp(E_kj - c_bj), both factors cut at e^_CUT
+    s = torch.bmm(p.view(B * nb, K, bs), trans_exp.view(B * nb, bs, L)).view(B, nb, K, L)
+    scale = (m - 2 * _LIFT) + col_max  # the block's term is s * exp(scale)
+    tiny = _TINY * math.exp(2 * _LIFT)
+    ok = s >= tiny  # exact in scaled space; log(0) is slow, so only these are logged
+    v = torch.where(ok, s.clamp_min(tiny).log_().add_(scale), NEG_INF)
     top = v.amax(dim=1, keepdim=True)
-    flagged = torch.where(ok, NEG_INF, scale) > top - _FLAG_MARGIN
+    flagged = torch.where(ok, NEG_INF, scale) > top - (_FLAG_MARGIN + 2 * _LIFT)
     at = ()
     if bool(flagged.any()):  # redo these in log space (~1% of the cells on mild inputs)
         at = tuple(flagged.nonzero().unbind(1))
         rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
-        v = v.index_put(at, scale[at] + logsumexp_safe(rel, dim=1))
+        v = v.index_put(at, (scale[at] + 2 * _LIFT) + logsumexp_safe(rel, dim=1))
         top = v.amax(dim=1, keepdim=True)
     top = top.squeeze(1)
     reached = torch.isfinite(top)
     total = (v - torch.where(reached, top, 0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
-    ell = torch.where(reached, total.sum(dim=1).log_().add_(top), NEG_INF)
-    return ell, p, at
+    torch.sum(total, dim=1, out=ell).log_().add_(top)  # -inf where top is (total >= e^-87 > 0)
+    return at
 
 
 class _ForwardDP(torch.autograd.Function):
@@ -198,6 +206,16 @@ class _ForwardDP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token_logp, trans_logp, graph_lens, target_lens):  # noqa: D102
+        with torch.autocast(token_logp.device.type, enabled=False):  # bmm in float32, always
+            return _ForwardDP._forward(ctx, token_logp, trans_logp, graph_lens, target_lens)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _ForwardDP._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, token_logp, trans_logp, graph_lens, target_lens):
         B, K, L, N = token_logp.shape
         bs, nb = _blocks(L)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -205,44 +223,40 @@ class _ForwardDP(torch.autograd.Function):
         trans_blk[:, :L] = trans_logp
         trans_blk = trans_blk.view(B, nb, bs, L)
         col_max = trans_blk.amax(dim=2, keepdim=True)  # (B, nb, 1, L)
-        trans_exp = _exp_floor(trans_blk - col_max.nan_to_num(neginf=0.0))  # (B, nb, bs, L)
-        a = token_logp.new_full((B, K, nb * bs), NEG_INF)
+        lifted = trans_blk - (col_max.nan_to_num(neginf=0.0) - _LIFT)
+        trans_exp = _exp_floor(lifted, _LIFT + _CUT)  # e^_LIFT exp(E - c), (B, nb, bs, L)
+        # a_t = alpha_t - shift_t for t = 0..N-1, vertices padded to nb * bs with -inf
+        a_all = token_logp.new_full((B, N, K, nb * bs), NEG_INF)
+        shifts = token_logp.new_zeros((B, K, N), dtype=torch.float64)
         start = token_logp[:, :, 0, 0]
-        shift = start.nan_to_num(neginf=0.0).double()  # alpha = a + shift
-        a[:, :, 0] = start - shift
-        last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
-        at_last = [a.gather(2, last).squeeze(2) + shift]
+        shifts[:, :, 0] = start.nan_to_num(neginf=0.0)
+        a_all[:, 0, :, 0] = start - shifts[:, :, 0]
         T = max(N - 1, 0)
-        saved_a = token_logp.new_empty(B, T, K, nb * bs) if grad else None
-        saved_ell = token_logp.new_empty(B, T, K, L) if grad else None
-        saved_m = token_logp.new_empty(B, nb, T, K) if grad else None
-        probs = token_logp.new_empty(B, nb, bs, T, K) if grad else None  # exp(alpha - m_b)
+        ell_all = token_logp.new_empty(B, T, K, L)
+        m_all = token_logp.new_empty(B, nb, T, K, 1)
+        probs = token_logp.new_empty(B, nb, T if grad else 1, K, bs)  # exp(alpha - m_b)
         flagged = []
         for t in range(1, N):
-            a_blk = a.view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
-            m = a_blk.amax(dim=3, keepdim=True)
-            ell, p, at = _block_step(a_blk, m, trans_blk, trans_exp, col_max)
-            flagged.append(at)
-            if grad:
-                probs[:, :, :, t - 1] = p.transpose(2, 3)
-                saved_a[:, t - 1] = a
-                saved_ell[:, t - 1] = ell
-                saved_m[:, :, t - 1] = m.squeeze(3)
+            a_blk = a_all[:, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
+            m = torch.amax(a_blk, dim=3, keepdim=True, out=m_all[:, :, t - 1])
+            p = probs[:, :, t - 1 if grad else 0]
+            ell = ell_all[:, t - 1]
+            flagged.append(_block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell))
             alpha = ell + token_logp[:, :, :, t]
             top = alpha.amax(dim=2).nan_to_num_(neginf=0.0)
-            shift = shift + top
-            a = torch.cat([alpha - top.to(alpha.dtype).unsqueeze(2), a[:, :, L:]], dim=2)
-            at_last.append(a.gather(2, last).squeeze(2) + shift)
-        ends = torch.stack(at_last, dim=2).gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2)
-        result = ends.to(token_logp.dtype)
+            torch.sub(alpha, top.unsqueeze(2), out=a_all[:, t, :, :L])
+            torch.add(shifts[:, :, t - 1], top, out=shifts[:, :, t])
+        last = (graph_lens - 1).view(B, 1, 1, 1).expand(B, N, K, 1)
+        ends = a_all.gather(3, last).view(B, N, K).transpose(1, 2) + shifts  # (B, K, N)
+        result = ends.gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2).to(token_logp.dtype)
         ctx.flagged = flagged
         ctx.save_for_backward(
             trans_blk,
             trans_exp,
             col_max,
-            saved_a,
-            saved_ell,
-            saved_m,
+            a_all,
+            ell_all,
+            m_all,
             probs,
             graph_lens,
             target_lens,
@@ -252,14 +266,14 @@ class _ForwardDP(torch.autograd.Function):
         return result
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def _backward(ctx, grad_out):
         (
             trans_blk,
             trans_exp,
             col_max,
-            saved_a,
-            saved_ell,
-            saved_m,
+            a_all,
+            ell_all,
+            m_all,
             probs,
             graph_lens,
             target_lens,
@@ -284,18 +298,19 @@ class _ForwardDP(torch.autograd.Function):
             grad_token[:, :, :, t] = d_alpha
             if t == 0:
                 break
-            a_blk = saved_a[:, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
-            m = saved_m[:, :, t - 1].unsqueeze(3)  # (B, nb, K, 1)
-            ell = saved_ell[:, t - 1]
-            ell = torch.where(torch.isfinite(ell), ell, float("inf")).unsqueeze(1)
+            a_blk = a_all[:, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
+            m = m_all[:, :, t - 1]  # (B, nb, K, 1)
+            ell = ell_all[:, t - 1].nan_to_num(neginf=float("inf")).unsqueeze(1)  # weight 0
             ds = ds_all[:, :, t - 1]  # (B, nb, K, L): exp(m_b + c_bj - ell_j) * dZ/dell_j
-            torch.sub(m + col_max, ell, out=ds)
-            ds.copy_(_exp_floor(ds)).mul_(d_alpha.unsqueeze(1))
+            # e^-_LIFT exp(m_b + c_bj - ell_j) dZ/dell_j, times the lifted exp(E - c) in the bmm;
+            # a weight below e^(_EXP_FLOOR + _LIFT) moves less than e^-42 of column j: cut
+            _exp_floor(torch.sub(col_max, ell, out=ds).add_(m - _LIFT)).mul_(d_alpha.unsqueeze(1))
             at = ctx.flagged[t - 1]
             if at:
                 ds.index_put_(at, ds.new_zeros(()))
-            p = probs[:, :, :, t - 1].transpose(2, 3)  # (B, nb, K, bs)
-            d_prev = torch.bmm(ds.reshape(B * nb, K, L), trans_exp_t).view(B, nb, K, bs).mul_(p)
+            p = probs[:, :, t - 1]  # (B, nb, K, bs)
+            d_prev = torch.bmm(ds.reshape(B * nb, K, L), trans_exp_t).view(B, nb, K, bs)
+            d_prev.mul_(p).mul_(math.exp(-_LIFT))  # p is lifted too
             if at:  # log-space blocks: weights exp(alpha_k + E_kj - ell_j)
                 b, blk, kk, j = at
                 rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
@@ -306,8 +321,8 @@ class _ForwardDP(torch.autograd.Function):
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
         grad_token[:, :, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
         grad_trans = trans_exp * torch.bmm(
-            probs.view(B * nb, bs, -1), ds_all.view(B * nb, -1, L)
-        ).view(B, nb, bs, L)
+            probs.view(B * nb, -1, bs).transpose(1, 2), ds_all.view(B * nb, -1, L)
+        ).view(B, nb, bs, L).mul_(math.exp(-_LIFT))
         grad_trans = grad_trans + grad_blk.transpose(2, 3)
         return grad_token, grad_trans.view(B, nb * bs, L)[:, :L], None, None
 
