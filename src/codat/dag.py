@@ -250,35 +250,15 @@ class _ForwardDP(torch.autograd.Function):
         ends = a_all.gather(3, last).view(B, N, K).transpose(1, 2) + shifts  # (B, K, N)
         result = ends.gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2).to(token_logp.dtype)
         ctx.flagged = flagged
-        ctx.save_for_backward(
-            trans_blk,
-            trans_exp,
-            col_max,
-            a_all,
-            ell_all,
-            m_all,
-            probs,
-            graph_lens,
-            target_lens,
-            result,
-        )
+        dp_state = (trans_blk, trans_exp, col_max, a_all, ell_all, m_all, probs)
+        ctx.save_for_backward(*dp_state, graph_lens, target_lens, result)
         ctx.token_shape = (B, K, L, N)
         return result
 
     @staticmethod
     def _backward(ctx, grad_out):
-        (
-            trans_blk,
-            trans_exp,
-            col_max,
-            a_all,
-            ell_all,
-            m_all,
-            probs,
-            graph_lens,
-            target_lens,
-            result,
-        ) = ctx.saved_tensors
+        trans_blk, trans_exp, col_max, a_all, ell_all, m_all, probs = ctx.saved_tensors[:7]
+        graph_lens, target_lens, result = ctx.saved_tensors[7:]
         B, K, L, N = ctx.token_shape
         bs, nb = _blocks(L)
         T = max(N - 1, 0)
