@@ -169,9 +169,10 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     """ell_j = log sum_k exp(alpha_k + E_kj) of one target step, exact (see _BLOCK).
 
     a_blk (B, nb, K, bs) holds alpha by vertex block, m (B, nb, K, 1) its block maxima;
-    trans_blk, trans_exp (B, nb, bs, L); col_max (B, nb, 1, L). Writes the block exponentials
-    exp(alpha_k - m_b) into p (B, nb, K, bs) and ell into ell (B, K, L); returns the index tuple
-    of the blocks summed in log space.
+    trans_blk (B, nb, bs, L); trans_exp the lifted e^_LIFT exp(E - c_bj), cut at e^_CUT;
+    col_max (B, nb, 1, L). Writes the lifted block exponentials e^_LIFT exp(alpha_k - m_b) into
+    p (B, nb, K, bs) and ell into ell (B, K, L); returns the index tuple of the blocks summed in
+    log space.
     """
     B, nb, K, bs = a_blk.shape
     L = trans_exp.shape[3]
