@@ -192,8 +192,7 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
         v = v.index_put(at, (scale[at] + 2 * _LIFT) + logsumexp_safe(rel, dim=1))
         top = v.amax(dim=1, keepdim=True)
     top = top.squeeze(1)
-    reached = torch.isfinite(top)
-    total = (v - torch.where(reached, top, 0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
+    total = (v - top.nan_to_num(neginf=0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
     torch.sum(total, dim=1, out=ell).log_().add_(top)  # -inf where top is (total >= e^-87 > 0)
     return at
 
@@ -226,29 +225,35 @@ class _ForwardDP(torch.autograd.Function):
         col_max = trans_blk.amax(dim=2, keepdim=True)  # (B, nb, 1, L)
         lifted = trans_blk - (col_max.nan_to_num(neginf=0.0) - _LIFT)
         trans_exp = _exp_floor(lifted, _LIFT + _CUT)  # e^_LIFT exp(E - c), (B, nb, bs, L)
-        # a_t = alpha_t - shift_t for t = 0..N-1, vertices padded to nb * bs with -inf
-        a_all = token_logp.new_full((B, N, K, nb * bs), NEG_INF)
+        # a_t = alpha_t - shift_t, vertices padded to nb * bs with -inf: every step's for the
+        # backward pass, else the last two. The per-step buffers likewise: all steps or one.
+        steps = N if grad else min(N, 2)
+        a_all = token_logp.new_full((B, steps, K, nb * bs), NEG_INF)
         shifts = token_logp.new_zeros((B, K, N), dtype=torch.float64)
+        ends = token_logp.new_empty((B, K, N), dtype=torch.float64)  # alpha_t at vertex L_b - 1
+        last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
         start = token_logp[:, :, 0, 0]
         shifts[:, :, 0] = start.nan_to_num(neginf=0.0)
         a_all[:, 0, :, 0] = start - shifts[:, :, 0]
+        ends[:, :, 0] = a_all[:, 0].gather(2, last).squeeze(2) + shifts[:, :, 0]
         T = max(N - 1, 0)
-        ell_all = token_logp.new_empty(B, T, K, L)
-        m_all = token_logp.new_empty(B, nb, T, K, 1)
-        probs = token_logp.new_empty(B, nb, T if grad else 1, K, bs)  # exp(alpha - m_b)
+        kept = T if grad else min(T, 1)
+        ell_all = token_logp.new_empty(B, kept, K, L)
+        m_all = token_logp.new_empty(B, nb, kept, K, 1)
+        probs = token_logp.new_empty(B, nb, kept, K, bs)  # e^_LIFT exp(alpha - m_b)
         flagged = []
         for t in range(1, N):
-            a_blk = a_all[:, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
-            m = torch.amax(a_blk, dim=3, keepdim=True, out=m_all[:, :, t - 1])
-            p = probs[:, :, t - 1 if grad else 0]
-            ell = ell_all[:, t - 1]
+            i = t - 1 if grad else 0  # this step's slot in the per-step buffers
+            a_blk = a_all[:, (t - 1) % steps].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
+            m = torch.amax(a_blk, dim=3, keepdim=True, out=m_all[:, :, i])
+            ell, p = ell_all[:, i], probs[:, :, i]
             flagged.append(_block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell))
             alpha = ell + token_logp[:, :, :, t]
             top = alpha.amax(dim=2).nan_to_num_(neginf=0.0)
-            torch.sub(alpha, top.unsqueeze(2), out=a_all[:, t, :, :L])
+            a_t = a_all[:, t % steps]
+            torch.sub(alpha, top.unsqueeze(2), out=a_t[:, :, :L])
             torch.add(shifts[:, :, t - 1], top, out=shifts[:, :, t])
-        last = (graph_lens - 1).view(B, 1, 1, 1).expand(B, N, K, 1)
-        ends = a_all.gather(3, last).view(B, N, K).transpose(1, 2) + shifts  # (B, K, N)
+            ends[:, :, t] = a_t.gather(2, last).squeeze(2) + shifts[:, :, t]
         result = ends.gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2).to(token_logp.dtype)
         ctx.flagged = flagged
         dp_state = (trans_blk, trans_exp, col_max, a_all, ell_all, m_all, probs)
