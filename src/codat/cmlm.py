@@ -2,10 +2,10 @@
 "Mask-Predict: Parallel Decoding of Conditional Masked Language Models").
 
 Choices (documented once, here):
-- `CMLM` has the layers of `codat.nat.VanillaNAT` (built by `nat_core.nat_modules` and run by
-  its functions: shared embeddings, the encoder, the length classifier on the mean-pooled encoder
-  states (classes 0..cfg.max_length content tokens), learned decoder positions, the bidirectional
-  decoder and the output projection tied to the embeddings) and differs only in the decoder
+- `CMLM` has the layers of `codat.nat.VanillaNAT` (both are `nat_core.LengthNAT`: shared
+  embeddings, the encoder, the length classifier on the mean-pooled encoder states (classes
+  0..cfg.max_length content tokens), learned decoder positions, the bidirectional decoder and the
+  output projection tied to the embeddings) and differs only in the decoder
   input. Targets are the content y_1..y_T without <s>/</s> (`nat_core.content_targets`);
   position t predicts y_t.
 - Masked positions are given by a separate bool tensor `masked` (B*r, T), True = masked, not by a
@@ -43,75 +43,27 @@ from torch import nn
 
 from codat.config import DecodeConfig, ModelConfig, RunConfig
 from codat.data import PAD_ID, Batch
-from codat.layers import bert_init
 from codat.nat_core import (
+    LengthNAT,
     NatEncoded,
     NatOutput,
     content_targets,
-    decode_nat,
-    encode_source,
     nat_loss,
-    nat_modules,
-    pooled_length_logits,
     repeat_encoded,
 )
 from codat.npd import NpdSamples, pick_best_npd
 from codat.objectives import log_softmax_fp32
 
 
-class CMLM(nn.Module):
+class CMLM(LengthNAT):
     """Ghazvininejad et al. (2019) CMLM: VanillaNAT's layers, with a decoder that reads the
     partially masked target (token embeddings, a learned [MASK] vector at masked positions)
     instead of the copied source."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg, self.max_length = cfg, cfg.max_length
-        (
-            self.embed,  # shared by the encoder, the decoder inputs and the output projection
-            self.encoder,
-            self.length_head,
-            self.positions,
-            self.decoder_layers,
-            self.drop,
-        ) = nat_modules(cfg)
-        self.apply(bert_init)
+        super().__init__(cfg)
         self.mask_embed = nn.Parameter(torch.empty(cfg.dim))
         nn.init.normal_(self.mask_embed, mean=0.0, std=0.02)
-
-    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """The source lengths: what a decoding batch is sized by."""
-        return src_lens
-
-    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """The longest trainable <s> y </s>: the length head's max_length content tokens + 2."""
-        return torch.full_like(src_lens, self.max_length + 2)
-
-    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
-        """Decoder positions of each training pair: its target length."""
-        return tgt_lens
-
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> NatEncoded:
-        return encode_source(self.encoder, src_ids, src_lens)
-
-    def length_logits(self, enc: NatEncoded) -> torch.Tensor:  # (B, max_length + 1)
-        """Scores of the content length T from the mean of the valid encoder states."""
-        return pooled_length_logits(self.length_head, enc)
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # (R, T, D)
-        """Token embeddings scaled by sqrt(D), as the encoder scales them."""
-        return self.embed(ids) * self.encoder.scale
-
-    def decode(
-        self,
-        enc: NatEncoded,  # R rows
-        tgt_lens: torch.Tensor,  # (R,)
-        dec_inputs: torch.Tensor,  # (R, T, D)
-    ) -> torch.Tensor:  # (R, T, V)
-        return decode_nat(
-            self.decoder_layers, self.positions, self.drop, self.embed.weight, enc, tgt_lens,
-            dec_inputs,
-        )  # fmt: skip
 
     def masked_inputs(
         self,

@@ -24,23 +24,17 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 
-from codat.config import CodatConfig, DecodeConfig, ModelConfig, RunConfig
+from codat.config import CodatConfig, DecodeConfig, RunConfig
 from codat.data import PAD_ID, Batch
 from codat.glancing import replay_rng
-from codat.layers import bert_init
 from codat.nat_core import (
-    NatEncoded,
+    LengthNAT,
     NatLoss,
     NatOutput,
     content_targets,
-    decode_nat,
-    encode_source,
     glancing_reveal,
     nat_loss,
-    nat_modules,
-    pooled_length_logits,
     repeat_encoded,
     token_logp_sums,
     uniform_copy_indices,
@@ -50,45 +44,9 @@ from codat.rewards import sentence_bleu
 from codat.selection import sample_term, select_samples
 
 
-class VanillaNAT(nn.Module):
+class VanillaNAT(LengthNAT):
     """Gu et al. (2018) NAT without fertilities: shared embeddings, Encoder, length classifier,
     uniformly copied source embeddings as decoder input, bidirectional decoder, tied output."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg, self.max_length = cfg, cfg.max_length
-        (
-            self.embed,  # shared by the encoder, the decoder inputs and the output projection
-            self.encoder,
-            self.length_head,
-            self.positions,
-            self.decoder_layers,
-            self.drop,
-        ) = nat_modules(cfg)
-        self.apply(bert_init)
-
-    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """The source lengths: what a decoding batch is sized by."""
-        return src_lens
-
-    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
-        """The longest trainable <s> y </s>: the length head's max_length content tokens + 2."""
-        return torch.full_like(src_lens, self.max_length + 2)
-
-    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
-        """Decoder positions of each training pair: its target length."""
-        return tgt_lens
-
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> NatEncoded:
-        return encode_source(self.encoder, src_ids, src_lens)
-
-    def length_logits(self, enc: NatEncoded) -> torch.Tensor:  # (B, max_length + 1)
-        """Scores of the content length T from the mean of the valid encoder states."""
-        return pooled_length_logits(self.length_head, enc)
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T, D)
-        """Token embeddings scaled by sqrt(D), as the encoder scales them."""
-        return self.embed(ids) * self.encoder.scale
 
     def copy_inputs(
         self,
@@ -101,17 +59,6 @@ class VanillaNAT(nn.Module):
         T = max(int(tgt_lens.max()), 1) if width is None else width
         idx = uniform_copy_indices(src_lens, tgt_lens, T)
         return self.embed_tokens(src_ids.gather(1, idx))
-
-    def decode(
-        self,
-        enc: NatEncoded,
-        tgt_lens: torch.Tensor,  # (B,)
-        dec_inputs: torch.Tensor,  # (B, T, D)
-    ) -> torch.Tensor:  # (B, T, V)
-        return decode_nat(
-            self.decoder_layers, self.positions, self.drop, self.embed.weight, enc, tgt_lens,
-            dec_inputs,
-        )  # fmt: skip
 
     def forward(
         self,

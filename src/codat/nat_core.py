@@ -1,17 +1,18 @@
 """The pieces the length-predicting NATs share (vanilla NAT / GLAT in `codat.nat`, CMLM in
 `codat.cmlm`; CTC in `codat.ctc` reuses the copy, the targets and GLAT's reveal; DAT with
-model.upsample predict the length head): public functions that both models *call* (composition,
-no base class).
+model.upsample predict the length head): `LengthNAT`, the base class of VanillaNAT and CMLM (their
+layers and the methods they share), and public functions that the models call.
 
 Choices (documented once, here):
 - The decoder emits the target *content* y_1..y_T, without <s>/</s>: position t predicts y_t.
   `content_targets` turns a `Batch`'s `<s> y </s>` into that form. The length head predicts T
   (classes 0..max_length) from the mean-pooled encoder states (fairseq NAT's `embed_length`).
-- `nat_modules(cfg)` builds, in this order, the shared embedding and encoder, the length head,
+- `LengthNAT.__init__` builds, in this order, the shared embedding and encoder, the length head,
   the learned decoder positions (max_length of them), the bidirectional decoder stack and the
-  input dropout; a model assigns them to the attributes embed, encoder, length_head, positions,
-  decoder_layers, drop (the state-dict key names). `decode_nat` runs that stack with the output
-  projection tied to the embeddings.
+  input dropout, as the attributes embed, encoder, length_head, positions, decoder_layers, drop
+  (the state-dict key names), then initialises them (`layers.bert_init`). `LengthNAT.decode` runs
+  that stack with the output projection tied to the embeddings. A subclass differs only in its
+  decoder inputs and its `forward`.
 - Loss (`nat_loss`): the mean over the trained positions of the token NLL (optionally
   label-smoothed, by `F.cross_entropy`'s label_smoothing) plus length_weight * the length
   cross-entropy. Log-probabilities are in at least float32 (as `objectives.log_softmax_fp32`),
@@ -31,7 +32,7 @@ from torch import nn
 
 from codat.config import ModelConfig
 from codat.data import PAD_ID
-from codat.layers import Encoder, decoder_stack, shared_embedding_and_encoder
+from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
 from codat.objectives import log_softmax_fp32
 
 
@@ -48,38 +49,73 @@ class NatEncoded(NamedTuple):
     src_lens: torch.Tensor  # (B,)
 
 
-class NatModules(NamedTuple):
-    embed: nn.Embedding
-    encoder: Encoder
-    length_head: nn.Linear
-    positions: nn.Embedding
-    decoder_layers: nn.ModuleList
-    drop: nn.Dropout
+class LengthNAT(nn.Module):
+    """The length-predicting NAT without its decoder inputs (module docstring): shared embeddings,
+    encoder, length classifier, learned decoder positions, bidirectional decoder, tied output."""
 
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.max_length < 1:
+            raise ValueError(f"model.max_length={cfg.max_length} must be >= 1")
+        self.cfg, self.max_length = cfg, cfg.max_length
+        # embed is shared by the encoder, the decoder inputs and the output projection
+        self.embed, self.encoder = shared_embedding_and_encoder(cfg)
+        self.length_head = build_length_head(cfg)
+        self.positions = nn.Embedding(cfg.max_length, cfg.dim)
+        self.decoder_layers = decoder_stack(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(bert_init)
 
-def nat_modules(cfg: ModelConfig) -> NatModules:
-    """The layers of a length-predicting NAT of `cfg` (module docstring), not yet initialised."""
-    if cfg.max_length < 1:
-        raise ValueError(f"model.max_length={cfg.max_length} must be >= 1")
-    embed, encoder = shared_embedding_and_encoder(cfg)  # embed shared by all
-    return NatModules(
-        embed,
-        encoder,
-        build_length_head(cfg),
-        nn.Embedding(cfg.max_length, cfg.dim),
-        decoder_stack(cfg),
-        nn.Dropout(cfg.dropout),
-    )
+    def output_lengths(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The source lengths: what a decoding batch is sized by."""
+        return src_lens
 
+    def max_target_lens(self, src_lens: torch.Tensor) -> torch.Tensor:  # (B,)
+        """The longest trainable <s> y </s>: the length head's max_length content tokens + 2."""
+        return torch.full_like(src_lens, self.max_length + 2)
 
-def encode_source(
-    encoder: Encoder,
-    src_ids: torch.Tensor,  # (B, S)
-    src_lens: torch.Tensor,  # (B,)
-) -> NatEncoded:
-    S = src_ids.shape[1]
-    src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
-    return NatEncoded(encoder(src_ids, src_mask), src_mask, src_ids, src_lens)
+    def train_positions(self, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> torch.Tensor:
+        """Decoder positions of each training pair: its target length."""
+        return tgt_lens
+
+    def encode(
+        self,
+        src_ids: torch.Tensor,  # (B, S)
+        src_lens: torch.Tensor,  # (B,)
+    ) -> NatEncoded:
+        S = src_ids.shape[1]
+        src_mask = torch.arange(S, device=src_ids.device).unsqueeze(0) < src_lens.unsqueeze(1)
+        return NatEncoded(self.encoder(src_ids, src_mask), src_mask, src_ids, src_lens)
+
+    def length_logits(self, enc: NatEncoded) -> torch.Tensor:  # (B, max_length + 1)
+        """Scores of the content length T from the mean of the valid encoder states."""
+        return masked_mean_length_logits(self.length_head, enc.states, enc.src_mask)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # (R, T, D)
+        """Token embeddings scaled by sqrt(D), as the encoder scales them."""
+        return self.embed(ids) * self.encoder.scale
+
+    def decode(
+        self,
+        enc: NatEncoded,  # R rows
+        tgt_lens: torch.Tensor,  # (R,)
+        dec_inputs: torch.Tensor,  # (R, T, D)
+    ) -> torch.Tensor:  # (R, T, V)
+        """The bidirectional decoder over T positions (valid: t < max(T_b, 1)) plus learned
+        positions, cross-attending to the encoder, projected onto the vocabulary by the tied
+        embeddings."""
+        T = dec_inputs.shape[1]
+        if T > self.max_length or int(tgt_lens.max()) > T:
+            raise ValueError(
+                f"decoder width {T} must cover the lengths (max {int(tgt_lens.max())}) and be "
+                f"<= max_length={self.max_length}"
+            )
+        pos = torch.arange(T, device=dec_inputs.device)
+        mask = pos.unsqueeze(0) < tgt_lens.clamp(min=1).unsqueeze(1)  # empty target: 1 key
+        x = self.drop(dec_inputs + self.positions(pos))
+        for layer in self.decoder_layers:
+            x = layer(x, mask, enc.states, enc.src_mask)
+        return x @ self.embed.weight.t()
 
 
 def build_length_head(cfg: ModelConfig) -> nn.Linear:
@@ -98,37 +134,6 @@ def masked_mean_length_logits(
     mask = src_mask.unsqueeze(-1).to(states.dtype)
     pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
     return length_head(pooled)
-
-
-def pooled_length_logits(length_head: nn.Linear, enc: NatEncoded) -> torch.Tensor:  # (B, C)
-    """Scores of the content length T from the mean of the valid encoder states."""
-    return masked_mean_length_logits(length_head, enc.states, enc.src_mask)
-
-
-def decode_nat(
-    layers: nn.ModuleList,
-    positions: nn.Embedding,  # max_length rows
-    drop: nn.Dropout,
-    output_weight: torch.Tensor,  # (V, D) the tied embedding matrix
-    enc: NatEncoded,
-    tgt_lens: torch.Tensor,  # (B,)
-    dec_inputs: torch.Tensor,  # (B, T, D)
-) -> torch.Tensor:  # (B, T, V)
-    """The bidirectional decoder over T positions (valid: t < max(T_b, 1)) plus learned positions,
-    cross-attending to the encoder, projected onto the vocabulary by the tied embeddings."""
-    B, T, _ = dec_inputs.shape
-    max_length = positions.num_embeddings
-    if T > max_length or int(tgt_lens.max()) > T:
-        raise ValueError(
-            f"decoder width {T} must cover the lengths (max {int(tgt_lens.max())}) and be "
-            f"<= max_length={max_length}"
-        )
-    pos = torch.arange(T, device=dec_inputs.device)
-    mask = pos.unsqueeze(0) < tgt_lens.clamp(min=1).unsqueeze(1)  # empty target: 1 key
-    x = drop(dec_inputs + positions(pos))
-    for layer in layers:
-        x = layer(x, mask, enc.states, enc.src_mask)
-    return x @ output_weight.t()
 
 
 def uniform_copy_indices(
