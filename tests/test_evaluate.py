@@ -6,7 +6,9 @@ corpus BLEU of `translate_ids` and adds the sample statistics only for DAT; `ana
 equals the DP log-likelihood recomputed directly and its Oracle BLEU is at least the reranked
 BLEU; its Spearman statistic is the mean of `loop_spearman` (textbook ranks) over the rows of
 s_k and sentence BLEU, and `spearman_rows` equals that loop with ties and constant rows;
-`tune_beta` reranks the same samples with every weight (ties: nearest 0.5).
+`tune_beta` reranks the same samples with every weight (ties: nearest 0.5); `source_sensitivity`
+scores each reference with another sentence's source, and a model blind to its source scores both
+the same.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from codat.evaluate import (
     first_sentences,
     load_split,
     sample_split,
+    source_sensitivity,
     spearman_rows,
     truncate_sources,
     tune_beta,
@@ -395,3 +398,36 @@ def test_validation_bleu_uses_train_valid_decoder(data):
     assert result["valid_bleu"] == pytest.approx(corpus_bleu(hyps, valid.refs).score)
     with pytest.raises(ValueError, match="bogus"):
         Validation.load(_cfg(data, "dat", valid_decoder="bogus"), torch.device("cpu"), NULL)
+
+
+@pytest.mark.parametrize("arch", ["at", "dat", "glat"])
+def test_source_sensitivity_scores_each_reference_with_another_sentences_source(arch):
+    """`source_sensitivity`: a derangement of the sources; `own` and `shuffled` equal the arch's
+    sentence loss of each pair computed alone; a model that never reads its source ids (same
+    lengths) scores both the same, while the untrained model does not."""
+    g = torch.Generator().manual_seed(3)
+    src = [torch.randint(4, 40, (6,), generator=g) for _ in range(7)]
+    tgt = [torch.randint(4, 40, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+           for _ in range(7)]  # fmt: skip
+    data = ParallelData(src, tgt)
+    model = make_model(arch).eval()
+    r = source_sensitivity(model, arch, data, max_tokens=20, seed=5)
+    assert sorted(r.source_of.tolist()) == list(range(7))
+    assert all(j != i for i, j in enumerate(r.source_of.tolist()))
+    loss = SENTENCE_LOSSES[arch]
+    for i, j in enumerate(r.source_of.tolist()):
+        alone = ParallelData([src[i]], [tgt[i]]).collate([0])
+        other = ParallelData([src[j]], [tgt[i]]).collate([0])
+        assert float(r.own[i]) == pytest.approx(float(loss(model, alone)[0]), abs=1e-5)
+        assert float(r.shuffled[i]) == pytest.approx(float(loss(model, other)[0]), abs=1e-5)
+    assert bool(r.finite.all())
+    assert float((r.shuffled - r.own).abs().max()) > 1e-4
+
+    encode = model.encode
+
+    def blind(src_ids, src_lens, **kw):  # reads only the lengths
+        return encode(torch.full_like(src_ids, 5), src_lens, **kw)
+
+    model.encode = blind
+    r = source_sensitivity(model, arch, data, max_tokens=20, seed=5)
+    assert torch.allclose(r.own, r.shuffled, atol=1e-6)

@@ -51,6 +51,50 @@ SENTENCE_LOSSES: dict[str, Callable[[nn.Module, Batch], torch.Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class SourceSensitivity:
+    """Per-sentence losses (`SENTENCE_LOSSES`, per token) of the references given their own
+    source and given another sentence's source; `finite` marks the sentences where both are
+    finite (a source-sized DAT graph can be too short for the reference under another source)."""
+
+    own: torch.Tensor  # (n,)
+    shuffled: torch.Tensor  # (n,)
+    finite: torch.Tensor  # (n,) bool
+    source_of: torch.Tensor  # (n,) long: the sentence whose source `shuffled` used
+
+
+@torch.no_grad()
+def source_sensitivity(
+    model: nn.Module,
+    arch: str,
+    data: ParallelData,
+    *,
+    max_tokens: int = 4096,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> SourceSensitivity:
+    """Does a model read its source? Each reference's loss with its own source against its loss
+    with the source of another sentence of the split (a random derangement: no sentence keeps
+    its own). A model that ignores its input scores both the same."""
+    n = len(data)
+    if n < 2:
+        raise ValueError(f"source_sensitivity needs at least 2 sentences, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    source_of = torch.empty(n, dtype=torch.long)
+    source_of[order] = torch.tensor(order[1:] + order[:1])  # one cycle: no sentence keeps its own
+    shuffled = ParallelData([data.src[j] for j in source_of.tolist()], data.tgt)
+    sentence_loss = SENTENCE_LOSSES[arch]
+    was_training = model.training
+    model.eval()
+    own, other = torch.empty(n), torch.empty(n)
+    sizes = torch.maximum(torch.maximum(data.src_lens, shuffled.src_lens), data.tgt_lens)
+    for idx in token_batches(sizes, max_tokens=max_tokens, shuffle=False):
+        for split, out in ((data, own), (shuffled, other)):
+            out[idx] = sentence_loss(model, split.collate(idx).to(device)).float().cpu()
+    model.train(was_training)
+    return SourceSensitivity(own, other, torch.isfinite(own) & torch.isfinite(other), source_of)
+
+
 def load_split(data_dir: str | pathlib.Path, split: str) -> tuple[ParallelData, Refs]:
     """A prepared split and its raw references, written by codat prepare: several per sentence
     from `SPLIT.refs.jsonl` when it exists, else one per sentence from `SPLIT.ref.txt`."""
