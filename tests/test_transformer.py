@@ -32,6 +32,7 @@ from corpus import prepare_copy_task, run_cli
 from reference import loop_beam_search, loop_label_smoothed_nll, rank_all_sequences
 from torch import nn
 
+import codat.generate
 from codat.cli import main
 from codat.config import DecodeConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Batch
@@ -450,6 +451,30 @@ def test_distill_writes_one_output_per_source_line_and_feeds_prepare(data, capsy
     with pytest.raises(SystemExit) as e:
         main(["distill", str(teacher), str(data.parent / "missing.de"), str(out)])
     assert e.value.code == 1 and "missing.de" in capsys.readouterr().err
+
+
+def test_distill_decodes_with_the_beam_even_when_the_teachers_run_validated_with_greedy(
+    data, monkeypatch
+):
+    """`codat distill` of an AT whose decode.decoder is greedy decodes with beam search (the
+    run's beam settings) unless --decoder is given, then with that decoder."""
+    teacher, _, _ = train_run(data, "at_greedy_teacher", "at", steps=4,
+                              extra=["decode.decoder=greedy", "decode.beam=3"])  # fmt: skip
+    assert Translator.from_dir(teacher).decode_cfg.decoder == "greedy"
+    used = []
+    real = codat.generate.distill
+
+    def recording(translator, src, out, dc, **kw):
+        used.append((dc.decoder, dc.beam))
+        return real(translator, src, out, dc, **kw)
+
+    monkeypatch.setattr(codat.generate, "distill", recording)
+    src = data.parent / "raw" / "val.de"
+    out = data.parent / "distill_greedy" / "val.en"
+    run_cli(["distill", str(teacher), str(src), str(out)])
+    run_cli(["distill", str(teacher), str(src), str(out), "--decoder", "greedy"])
+    assert used == [("beam", 3), ("greedy", 3)]
+    assert len(out.read_text().splitlines()) == len(src.read_text().splitlines())
 
 
 def test_benchmark_speed_times_every_decoder_of_every_run_against_at_beam(data, capsys):

@@ -240,8 +240,9 @@ def _add_distill(sub) -> None:
         "distill",
         commands.distill,
         "decode a training source file with a teacher (sequence-level KD)",
-        "Decode every line of SRC with a trained model (by default an AT with beam search) and "
-        "write OUT atomically, to pair with SRC in codat prepare.",
+        "Decode every line of SRC with a trained model and write OUT atomically, to pair with "
+        "SRC in codat prepare. An AT teacher decodes with beam search unless --decoder says "
+        "otherwise (even if its run validated with greedy); other archs use the run's decoder.",
     )
     p.add_argument("run_dir", help="run or checkpoint directory of the teacher (usually an AT)")
     p.add_argument("src", help="source sentences, one per line (.gz allowed)")
@@ -252,7 +253,7 @@ def _add_distill(sub) -> None:
         action="store_false",
         help="refuse sources longer than the model's source positions",
     )
-    add_decode_flags(p, title="decoding (default: the run's decode settings; AT: beam)")
+    add_decode_flags(p, title="decoding (default: the run's decode settings; AT: --decoder beam)")
     _add_device(p)
 
 
