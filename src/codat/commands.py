@@ -134,10 +134,10 @@ def distill(a: argparse.Namespace) -> int:
     from codat.generate import Translator, distill
 
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
-    arch = translator.model.cfg.arch
-    if a.decoder is None and arch == "at":  # sequence-level KD decodes with the beam, whatever
-        a.decoder = "beam"  # decoder the run validated with (e.g. greedy, for speed)
-    dc = decode_config(translator.decode_cfg, a, arch)
+    arch, base = translator.model.cfg.arch, translator.decode_cfg
+    if arch == "at":  # KD decodes with the beam, whatever the run validated with; --decoder wins
+        base = dataclasses.replace(base, decoder="beam")
+    dc = decode_config(base, a, arch)
     n = distill(translator, a.src, a.out, dc, truncate=a.truncate)
     print(f"distilled {n} sentences -> {a.out}", file=sys.stderr)
     return 0
