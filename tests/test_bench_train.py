@@ -56,8 +56,8 @@ def test_train_benchmark_reports_both_steps(cfg):
     assert fast["cpu_speedup"] == pytest.approx(statistics.median(cpu_ratios))
     assert fast["flops_per_step"] < plain["flops_per_step"]  # one encoder forward fewer
     report = format_train_report(result)
-    assert "plain" in report and "fast+mem" in report and "attention_fp32_on_cpu" in report
-    assert "keep_freed_memory" in report
+    assert "plain" in report and "fast+mem" in report and "attention_matmul" in report
+    assert "keep_freed_memory" in report and "fused_transitions" in report
     assert "all settings off" in report
 
 

@@ -7,8 +7,9 @@ out from their sub-modules; `Encoder` outputs on the valid positions of a ragged
 outputs of each sentence encoded alone and with extra padding columns appended (padding
 invariance); layers in eval mode with themselves (deterministic) and, as a control, in train mode
 with dropout (not deterministic); `bert_init` statistics with N(0, 0.02), zero biases and a zero
-padding row; attention with `fp32_on_cpu` under bf16 autocast with the float64 naive attention of
-the same bf16 inputs (closer than bf16 SDPA), unchanged in float32; `Dropout` with `F.dropout`
+padding row; attention's CPU modes under bf16 autocast with float64 SDPA of the same bf16 inputs
+(fp32: closer than bf16 SDPA; matmul: within bf16 rounding, values and gradients), all unchanged
+in float32; `Dropout` with `F.dropout`
 from the same RNG state (bit for bit, float32 and bf16), and `DropoutTape` replay with the
 recorded pass (same outputs, no random draws), refusing a replay of another shape or length.
 """
@@ -32,7 +33,7 @@ from codat.layers import (
     MultiHeadAttention,
     attention,
     bert_init,
-    set_attention_fp32_on_cpu,
+    set_cpu_half_attention,
 )
 
 D, H, FFN = 16, 4, 32
@@ -229,47 +230,62 @@ def test_bert_init_leaves_layer_norm_alone_and_zeroes_all_linear_biases():
             assert torch.all(module.weight == 0.5), name
 
 
-def test_attention_fp32_on_cpu_is_closer_to_float64_than_bf16_sdpa():
+def test_attention_cpu_half_modes_against_float64():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 9, 8, generator=g).to(torch.bfloat16) for _ in range(3))
     mask = _key_mask([9, 5, 1], 9)[:, None, None, :]
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = attention(q, k, v, mask, fp32_on_cpu=True)
-        plain = attention(q, k, v, mask, fp32_on_cpu=False)
-        fast_of_fp32 = attention(q.float(), k.float(), v.float(), mask, fp32_on_cpu=True)
-    assert fast.dtype == fast_of_fp32.dtype == torch.float32 and plain.dtype == torch.bfloat16
-    assert torch.equal(fast, fast_of_fp32)  # float32 inputs stay float32 under autocast
-    err_fast = (fast.double() - ref).abs().max()
-    assert err_fast <= (plain.double() - ref).abs().max() and err_fast < 1e-5
+        fp32 = attention(q, k, v, mask, cpu_half="fp32")
+        plain = attention(q, k, v, mask, cpu_half="sdpa")
+        matmul = attention(q, k, v, mask, cpu_half="matmul")
+        fp32_of_fp32 = attention(q.float(), k.float(), v.float(), mask, cpu_half="fp32")
+        matmul_of_fp32 = attention(q.float(), k.float(), v.float(), mask, cpu_half="matmul")
+    assert fp32.dtype == fp32_of_fp32.dtype == torch.float32
+    assert plain.dtype == matmul.dtype == matmul_of_fp32.dtype == torch.bfloat16
+    assert torch.equal(fp32, fp32_of_fp32)  # float32 inputs stay float32 under autocast
+    assert torch.equal(matmul, matmul_of_fp32)  # ... and are cast to bf16 for the matmuls
+    err_fp32 = (fp32.double() - ref).abs().max()
+    assert err_fp32 <= (plain.double() - ref).abs().max() and err_fp32 < 1e-5
+    # bf16 scores, weights and output: a few bf16 roundings of values of size ~1
+    err_matmul = (matmul.double() - ref).abs().max()
+    assert 0 < err_matmul < 4 * 2**-8 * ref.abs().max()
     q32, k32, v32 = q.float(), k.float(), v.float()  # float32 without autocast: no change
-    assert torch.equal(
-        attention(q32, k32, v32, mask, fp32_on_cpu=True),
-        attention(q32, k32, v32, mask, fp32_on_cpu=False),
-    )
+    plain32 = attention(q32, k32, v32, mask, cpu_half="sdpa")
+    for mode in ("fp32", "matmul"):
+        assert torch.equal(attention(q32, k32, v32, mask, cpu_half=mode), plain32)
+    with pytest.raises(ValueError, match="cpu_half must be one of"):
+        attention(q32, k32, v32, mask, cpu_half="flash")
 
 
 @pytest.mark.parametrize("self_attention", [True, False])
-def test_attention_module_fp32_on_cpu_under_autocast_is_bf16_noise_only(self_attention):
+@pytest.mark.parametrize("mode", ["sdpa", "fp32", "matmul"])
+def test_attention_module_cpu_half_under_autocast_is_bf16_noise_only(self_attention, mode):
+    torch.manual_seed(0)
     attn = MultiHeadAttention(D, H, self_attention=self_attention)
     x, memory = torch.randn(2, 5, D), torch.randn(2, 7, D)
     mask = _key_mask([5, 3], 5) if self_attention else _key_mask([7, 2], 7)
     ref = attn(x, None if self_attention else memory, mask)  # float32
-    outs = []
-    for fp32 in (True, False):
-        attn.fp32_on_cpu = fp32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs.append(attn(x, None if self_attention else memory, mask))
-    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
-    for y in outs:
-        torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(attn.parameters()))
+    set_cpu_half_attention(attn, mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(x, None if self_attention else memory, mask)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
+    grads = torch.autograd.grad(y.float().square().sum(), list(attn.parameters()))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * float(want.abs().max()))
 
 
-def test_set_attention_fp32_on_cpu_switches_every_attention_module():
+def test_set_cpu_half_attention_switches_every_attention_module():
     layer = DecoderLayer(D, H, FFN, dropout=0.0)
-    assert layer.self_attn.fp32_on_cpu and layer.cross_attn.fp32_on_cpu  # the default
-    set_attention_fp32_on_cpu(layer, False)
-    assert not layer.self_attn.fp32_on_cpu and not layer.cross_attn.fp32_on_cpu
+    assert layer.self_attn.cpu_half == layer.cross_attn.cpu_half == "matmul"  # the default
+    set_cpu_half_attention(layer, "fp32")
+    assert layer.self_attn.cpu_half == layer.cross_attn.cpu_half == "fp32"
+    with pytest.raises(ValueError, match="cpu_half must be one of"):
+        set_cpu_half_attention(layer, "bf16")
+    with pytest.raises(ValueError, match="cpu_half must be one of"):
+        MultiHeadAttention(D, H, self_attention=True, cpu_half="fast")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -130,9 +130,11 @@ def test_trans_logp_float32_and_normalised_under_bf16_autocast():
     _check_transition_structure(out.trans_logp, out.graph_lens, tol=1e-5)
 
 
-def test_trans_logp_equals_gated_mixture_of_head_softmaxes():
+@pytest.mark.parametrize("fused", [True, False])
+def test_trans_logp_equals_gated_mixture_of_head_softmaxes(fused):
     """log P(v|u) = log sum_h softmax_h(gate(u)) softmax_{u<v<L_b}(q_h(u).k_h(v)/sqrt(d_h))."""
     model = _model().double().eval()
+    model.fused_transitions = fused
     src, lens = _src([4, 2])
     with torch.no_grad():
         out, h = _final_states(model, src, lens)
@@ -157,6 +159,39 @@ def test_trans_logp_equals_gated_mixture_of_head_softmaxes():
                 rtol=1e-5,
                 atol=1e-5,
             )
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_transitions_equal_the_first_version_in_value_and_gradient(bf16):
+    """`fused_transitions` is a speed setting: the same (B, L, L) values, -inf pattern and
+    parameter gradients as the concatenation + -inf-safe composites, on a ragged padded batch
+    (rows without successors, padded rows and columns); float32 to rounding, bf16 autocast within
+    bf16 noise of it."""
+    src, lens = _src(SRC_LENS, extra_pad=2)
+    results = []
+    for fused in (True, False):
+        model = _model().train()
+        model.fused_transitions = fused
+        torch.manual_seed(5)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(src, lens)
+        finite = torch.isfinite(out.trans_logp)
+        w = torch.randn(out.trans_logp.shape, generator=torch.Generator().manual_seed(2))
+        loss = torch.where(finite, out.trans_logp * w, 0.0).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        results.append((out.trans_logp.detach(), finite, grads))
+    (fused, fin_f, g_f), (plain, fin_p, g_p) = results
+    assert fused.dtype == plain.dtype == torch.float32
+    assert torch.equal(fin_f, fin_p) and (fused[~fin_f] == NEG_INF).all()
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[fin_f], plain[fin_p], **tol)
+    for a, b in zip(g_f, g_p, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        assert torch.isfinite(a).all()
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
 
 
 def test_no_nan_for_ragged_batch():

@@ -1,7 +1,7 @@
 """`codat benchmark train`: the DAT training step with its speed settings off ("plain": the step as
-first written) against on ("fast": `StepOptions()` and float32 attention on CPU), timed side by side
-in one process on the same batches, plus the bf16 (or float32) matmul peak of the same machine
-measured in the same run.
+first written) against on ("fast": `StepOptions()`, attention in its matmul mode on CPU and the
+fused transition head), timed side by side in one process on the same batches, plus the bf16 (or
+float32) matmul peak of the same machine measured in the same run.
 
 Both steps train the same model with one optimizer (forward, backward, clip, AdamW step, as
 `train.Loop.update`), taking turns on every repetition (order alternating), so a slower or faster
@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from codat.checkpoint import build_model
 from codat.config import RunConfig
 from codat.dat_train import StepOptions, dat_step
 from codat.data import Batch, token_batches
-from codat.layers import set_attention_fp32_on_cpu
+from codat.layers import set_cpu_half_attention
 from codat.loop import example_sizes
 from codat.memory import keep_freed_memory
 from codat.train import resolve_model_config, trainable_pairs
@@ -33,21 +33,28 @@ from codat.train import resolve_model_config, trainable_pairs
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the step: its `StepOptions`, the attention setting, whether AdamW uses its
-    fused kernel (`torch.optim.AdamW(fused=True)`, as train.py builds it) and whether freed memory
-    stays in the heap (`memory.keep_freed_memory`, as train.py sets it on CPU)."""
+    """One way to run the step: its `StepOptions`, the model's two speed settings (the attention
+    mode on CPU, `layers.CPU_HALF_ATTENTION`, and `DATransformer.fused_transitions`), whether
+    AdamW uses its fused kernel (`torch.optim.AdamW(fused=True)`, as train.py builds it) and
+    whether freed memory stays in the heap (`memory.keep_freed_memory`, as train.py sets it on
+    CPU)."""
 
     options: StepOptions
-    attention_fp32_on_cpu: bool
+    attention: str
+    fused_transitions: bool
     fused_adamw: bool = False
     keep_freed_memory: bool = False
 
 
 VARIANTS = {
-    "plain": Variant(StepOptions.plain(), attention_fp32_on_cpu=False),
-    "fast": Variant(StepOptions(), attention_fp32_on_cpu=True, fused_adamw=True),
+    "plain": Variant(StepOptions.plain(), attention="sdpa", fused_transitions=False),
+    "fast": Variant(StepOptions(), attention="matmul", fused_transitions=True, fused_adamw=True),
     "fast+mem": Variant(
-        StepOptions(), attention_fp32_on_cpu=True, fused_adamw=True, keep_freed_memory=True
+        StepOptions(),
+        attention="matmul",
+        fused_transitions=True,
+        fused_adamw=True,
+        keep_freed_memory=True,
     ),
 }
 
@@ -66,6 +73,22 @@ def matmul_peak(*, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> fl
         a @ b
         best = min(best, (time.process_time() - t0) / torch.get_num_threads())
     return 2 * size**3 / best
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP counter knows the GPU SDPA kernels only; the CPU one is counted by the same
+# formulas, so that each attention mode's matmul FLOPs count alike.
+_CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
 
 
 class StepRunner:
@@ -87,7 +110,8 @@ class StepRunner:
         )
 
     def step(self, batch: Batch, variant: Variant) -> None:
-        set_attention_fp32_on_cpu(self.model, variant.attention_fp32_on_cpu)
+        set_cpu_half_attention(self.model, variant.attention)
+        self.model.fused_transitions = variant.fused_transitions
         loss, _ = dat_step(
             self.model,
             batch,
@@ -111,7 +135,7 @@ class StepRunner:
         return time.perf_counter() - t0, time.process_time() - c0
 
     def flops(self, variant: Variant) -> float:  # FLOPs of one pass over the batches
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS)
         with counter:
             self.run(variant)
         return float(counter.get_total_flops())
@@ -232,10 +256,10 @@ def summarise(
 
 def describe(variant: Variant) -> str:
     on = [k for k, v in vars(variant.options).items() if v]
+    if variant.attention != "sdpa":
+        on.append(f"attention_{variant.attention}")
     on += [
-        k
-        for k in ("attention_fp32_on_cpu", "fused_adamw", "keep_freed_memory")
-        if getattr(variant, k)
+        k for k in ("fused_transitions", "fused_adamw", "keep_freed_memory") if getattr(variant, k)
     ]
     return "all settings off" if not on else " ".join(on)
 

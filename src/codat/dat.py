@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from codat.config import ModelConfig
@@ -63,6 +64,9 @@ class DATransformer(nn.Module):
         self.link_query = nn.Linear(2 * D, D)
         self.link_key = nn.Linear(2 * D, D)
         self.link_gate = nn.Linear(2 * D, H)
+        # A speed setting, exact up to rounding: `transitions` without the (B, L, 2D) feature
+        # concatenation and with torch's fused log-softmax / logsumexp (False: as first written).
+        self.fused_transitions = True
         self.apply(bert_init)
         # Only for predict, created and initialised last: the other weights start the same.
         self.length_head = build_length_head(cfg) if cfg.upsample == "predict" else None
@@ -144,21 +148,48 @@ class DATransformer(nn.Module):
     def transitions(self, h: torch.Tensor, graph_mask: torch.Tensor) -> torch.Tensor:  # (B, L, L)
         """log P(v | u) = log sum_h gate_h(u) softmax_{u < v < L_b}(q_h(u) . k_h(v) / sqrt(d_h)).
 
-        Computed in float32 even under autocast (method.md §2.3).
+        q, k and the gate read the features [h ; link position] (method.md §2.3); the scores and
+        everything after them run in float32 even under autocast. `fused_transitions`: each linear
+        map of the features as its h part plus its (L, D) position part, then torch's log_softmax
+        and logsumexp with the rows and columns that have no successor masked around them; else
+        the concatenation and the -inf-safe composites, as first written. Same values.
         """
         B, L, D = h.shape
         H = self.cfg.heads
         pos = torch.arange(L, device=h.device)
-        feats = torch.cat([h, self.link_positions(pos).expand(B, L, D).to(h.dtype)], dim=-1)
-        q = self.link_query(feats).float().view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, d)
-        k = self.link_key(feats).float().view(B, L, H, D // H).transpose(1, 2)
-        log_gate = torch.log_softmax(self.link_gate(feats).float(), dim=-1)  # (B, L, H)
+        valid = (pos.unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(0) & graph_mask.unsqueeze(1)
+        if not self.fused_transitions:
+            feats = torch.cat([h, self.link_positions(pos).expand(B, L, D).to(h.dtype)], dim=-1)
+            q, k, gate = self.link_query(feats), self.link_key(feats), self.link_gate(feats)
+        else:
+            where = self.link_positions.weight[:L]  # (L, D)
+
+            def features(linear: nn.Linear) -> torch.Tensor:  # linear([h ; where]), float32
+                w = linear.weight
+                return (
+                    F.linear(h, w[:, :D]).float() + F.linear(where, w[:, D:], linear.bias).float()
+                )
+
+            q, k, gate = (
+                features(self.link_query),
+                features(self.link_key),
+                features(self.link_gate),
+            )
+        q = q.float().view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, d)
+        k = k.float().view(B, L, H, D // H).transpose(1, 2)
+        log_gate = torch.log_softmax(gate.float(), dim=-1).transpose(1, 2).unsqueeze(-1)
         with torch.autocast(device_type=h.device.type, enabled=False):
             scores = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (B, H, L, L)
-            valid = (pos.unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(0) & graph_mask.unsqueeze(1)
-            scores = scores.masked_fill(~valid.unsqueeze(1), NEG_INF)
-            per_head = log_softmax_safe(scores, dim=-1)  # rows without successors stay -inf
-            return logsumexp_safe(per_head + log_gate.transpose(1, 2).unsqueeze(-1), dim=1)
+            if not self.fused_transitions:
+                scores = scores.masked_fill(~valid.unsqueeze(1), NEG_INF)
+                per_head = log_softmax_safe(scores, dim=-1)  # rows without successors stay -inf
+                return logsumexp_safe(per_head + log_gate, dim=1)
+            # A row without successors (u = L_b - 1, padding) is normalised over all L columns
+            # instead of none, so that no NaN arises; where() and masked_fill() take it out again.
+            kept = valid | ~valid.any(dim=-1, keepdim=True)
+            per_head = torch.log_softmax(scores.masked_fill(~kept.unsqueeze(1), NEG_INF), dim=-1)
+            mixed = torch.where(valid.unsqueeze(1), per_head + log_gate, 0.0)
+            return torch.logsumexp(mixed, dim=1).masked_fill(~valid, NEG_INF)
 
     def forward(
         self,

@@ -6,10 +6,10 @@ autoregressive baseline (`codat.transformer`) reuses the same decoder layer with
 training and `DecoderLayer.step` with a `LayerCache` for incremental decoding; the
 non-autoregressive models never pass either, so their path is unchanged.
 
-Two speed settings, each exact up to rounding: `MultiHeadAttention.fp32_on_cpu` (attention in
-float32 on CPU under bf16 autocast: the CPU's bfloat16 SDPA backward is several times slower) and
-`DropoutTape` (record the dropout masks of one forward, replay them in the next: glancing's
-two passes draw the same masks).
+Two speed settings: `MultiHeadAttention.cpu_half` (how attention runs on CPU under bf16 autocast
+or on half inputs, `CPU_HALF_ATTENTION`; the CPU's bfloat16 SDPA kernels are slow, its backward
+above all) and `DropoutTape` (record the dropout masks of one forward, replay them in the next:
+glancing's two passes draw the same masks; exact).
 """
 
 from __future__ import annotations
@@ -43,38 +43,59 @@ class LayerCache(NamedTuple):
 HALF = (torch.bfloat16, torch.float16)
 
 
+# How attention runs on CPU under autocast or on half-precision inputs (elsewhere: SDPA as given).
+#   sdpa    torch's SDPA in the half dtype (the first version; its bf16 kernels are slow on CPU);
+#   fp32    SDPA in float32, outside autocast, a float32 result: exact up to float32 rounding;
+#   matmul  scores and weighted sum as two half-precision batched matmuls (float32 accumulation)
+#           and the softmax in float32, as fairseq's attention does under fp16/bf16 training:
+#           within bf16 noise of fp32, and the fastest on CPU (profiled at the small DAT config:
+#           1.4-1.9x fp32 SDPA forward+backward).
+CPU_HALF_ATTENTION = ("sdpa", "fp32", "matmul")
+
+
 def attention(
     q: torch.Tensor,  # (B, H, T, D/H)
     k: torch.Tensor,  # (B, H, S, D/H)
     v: torch.Tensor,  # (B, H, S, D/H)
-    attn_mask: torch.Tensor | None,  # bool, broadcast to (B, H, T, S)
+    attn_mask: torch.Tensor | None,  # bool, broadcast to (B, H, T, S); every row keeps a key
     *,
-    fp32_on_cpu: bool,
+    cpu_half: str,
 ) -> torch.Tensor:  # (B, H, T, D/H)
-    """Scaled dot-product attention. With fp32_on_cpu, on CPU under autocast or with half inputs,
-    in float32 (outside autocast; a float32 result): there the bfloat16 SDPA kernels, the
-    backward above all, are slower than the float32 ones (profiled: 3x at the small DAT config)."""
-    if fp32_on_cpu and q.device.type == "cpu":
-        if q.dtype in HALF or torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=attn_mask
-                )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    """Scaled dot-product attention; on CPU under autocast or with half inputs as `cpu_half`
+    says (`CPU_HALF_ATTENTION`)."""
+    if cpu_half not in CPU_HALF_ATTENTION:
+        raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {cpu_half!r}")
+    half = q.dtype in HALF or torch.is_autocast_enabled("cpu")
+    if cpu_half == "sdpa" or q.device.type != "cpu" or not half:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with torch.autocast("cpu", enabled=False):
+        if cpu_half == "fp32":
+            return F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=attn_mask
+            )
+        dtype = q.dtype if q.dtype in HALF else torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, S)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype) @ v
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention. `fp32_on_cpu` (a speed setting, see `attention`; switch it on a built
-    model with `set_attention_fp32_on_cpu`): half-precision projections are cast to float32 once,
-    contiguous, before the heads are split, and the heads' output back before `out`."""
+    """Multi-head attention. `cpu_half` (a speed setting, `CPU_HALF_ATTENTION`; switch it on a
+    built model with `set_cpu_half_attention`): with "fp32", half-precision projections are cast to
+    float32 once, contiguous, before the heads are split, and the heads' output back before
+    `out`."""
 
     def __init__(
-        self, dim: int, heads: int, *, self_attention: bool, fp32_on_cpu: bool = True
+        self, dim: int, heads: int, *, self_attention: bool, cpu_half: str = "matmul"
     ) -> None:
         super().__init__()
+        if cpu_half not in CPU_HALF_ATTENTION:
+            raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {cpu_half!r}")
         self.heads = heads
         self.self_attention = self_attention
-        self.fp32_on_cpu = fp32_on_cpu
+        self.cpu_half = cpu_half
         if self_attention:
             self.qkv = nn.Linear(dim, 3 * dim)
         else:
@@ -83,7 +104,7 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def _heads_input(self, y: torch.Tensor) -> torch.Tensor:  # a projection (B, T, n * D)
-        if self.fp32_on_cpu and y.device.type == "cpu" and y.dtype in HALF:
+        if self.cpu_half == "fp32" and y.device.type == "cpu" and y.dtype in HALF:
             return y.float()
         return y
 
@@ -117,7 +138,7 @@ class MultiHeadAttention(nn.Module):
             # An explicit (T, T) lower triangle, not SDPA's is_causal, which cannot be combined
             # with a key mask.
             attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        y = attention(q, k, v, attn_mask, fp32_on_cpu=self.fp32_on_cpu)
+        y = attention(q, k, v, attn_mask, cpu_half=self.cpu_half)
         return self._output(y, dtype)
 
     def memory_keys_values(
@@ -157,15 +178,18 @@ class MultiHeadAttention(nn.Module):
             dtype = q.dtype
             q = self._heads_input(q).view(B, T, H, D // H).transpose(1, 2)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        y = attention(q, keys, values, attn_mask, fp32_on_cpu=self.fp32_on_cpu)
+        y = attention(q, keys, values, attn_mask, cpu_half=self.cpu_half)
         return self._output(y, dtype), keys, values
 
 
-def set_attention_fp32_on_cpu(model: nn.Module, enabled: bool) -> None:
-    """Switch `MultiHeadAttention.fp32_on_cpu` in every attention module of `model`."""
+def set_cpu_half_attention(model: nn.Module, mode: str) -> None:
+    """Set `MultiHeadAttention.cpu_half` (`CPU_HALF_ATTENTION`) in every attention module of
+    `model`."""
+    if mode not in CPU_HALF_ATTENTION:
+        raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {mode!r}")
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
-            module.fp32_on_cpu = enabled
+            module.cpu_half = mode
 
 
 class DropoutTape:
