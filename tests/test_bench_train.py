@@ -57,7 +57,7 @@ def test_train_benchmark_reports_both_steps(cfg):
     assert fast["flops_per_step"] < plain["flops_per_step"]  # one encoder forward fewer
     report = format_train_report(result)
     assert "plain" in report and "fast+mem" in report and "attention_matmul" in report
-    assert "keep_freed_memory" in report and "fused_transitions" in report
+    assert "keep_freed_memory" in report and "fused_heads" in report
     assert "all settings off" in report
 
 

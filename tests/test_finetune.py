@@ -229,7 +229,7 @@ def test_alpha_gate_keeps_only_the_sentences_at_or_below_it():
     gated = _grads(model)
     assert gated.keys() == reference.keys()
     for name in reference:
-        torch.testing.assert_close(gated[name], reference[name], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(gated[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_codat_term_equals_the_stepwise_ranking_loss_of_all_sentences():

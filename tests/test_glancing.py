@@ -176,8 +176,8 @@ def test_token_logp_and_max_give_the_same_hits(dtype):
     logp, top = token_logp_and_max(logits, tgt)
     full = torch.log_softmax(logits.float(), dim=-1)
     assert logp.dtype == top.dtype == torch.float32
-    assert torch.equal(logp, gather_token_logp(logits, tgt).detach())
-    assert torch.equal(top, full.amax(-1))
+    assert torch.equal(logp, gather_token_logp(logits, tgt).detach())  # the same chunked pass
+    torch.testing.assert_close(top, full.amax(-1), rtol=1e-6, atol=1e-6)
     path = torch.randint(-1, 6, (2, 40), generator=g)
     oracle = tgt.gather(1, path.clamp(min=0))
     candidates = logp.gather(-1, path.clamp(min=0).unsqueeze(-1)).squeeze(-1) == top

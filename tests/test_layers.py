@@ -34,6 +34,7 @@ from codat.layers import (
     attention,
     bert_init,
     set_cpu_half_attention,
+    tied_logits,
 )
 
 D, H, FFN = 16, 4, 32
@@ -258,23 +259,48 @@ def test_attention_cpu_half_modes_against_float64():
         attention(q32, k32, v32, mask, cpu_half="flash")
 
 
-@pytest.mark.parametrize("self_attention", [True, False])
+@pytest.mark.parametrize("kind", ["self", "causal", "cross"])
 @pytest.mark.parametrize("mode", ["sdpa", "fp32", "matmul"])
-def test_attention_module_cpu_half_under_autocast_is_bf16_noise_only(self_attention, mode):
+def test_attention_module_cpu_half_under_autocast_is_bf16_noise_only(kind, mode):
     torch.manual_seed(0)
+    self_attention, causal = kind != "cross", kind == "causal"
     attn = MultiHeadAttention(D, H, self_attention=self_attention)
     x, memory = torch.randn(2, 5, D), torch.randn(2, 7, D)
     mask = _key_mask([5, 3], 5) if self_attention else _key_mask([7, 2], 7)
-    ref = attn(x, None if self_attention else memory, mask)  # float32
+    ref = attn(x, None if self_attention else memory, mask, causal=causal)  # float32
     ref_grads = torch.autograd.grad(ref.square().sum(), list(attn.parameters()))
     set_cpu_half_attention(attn, mode)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = attn(x, None if self_attention else memory, mask)
+        y = attn(x, None if self_attention else memory, mask, causal=causal)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
     grads = torch.autograd.grad(y.float().square().sum(), list(attn.parameters()))
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * float(want.abs().max()))
+
+
+def test_tied_logits_fast_gradient_layout_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, D, generator=g, requires_grad=True)
+    w = torch.randn(50, D, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 7, 50, generator=g)
+    results = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = tied_logits(x, w, fast=fast)
+        results.append((y, *torch.autograd.grad((y.float() * upstream).sum(), (x, w))))
+    (y_f, gx_f, gw_f), (y_p, gx_p, gw_p) = results
+    assert y_f.dtype == y_p.dtype == torch.bfloat16 and torch.equal(y_f, y_p)
+    assert gx_f.dtype == gw_f.dtype == torch.float32 and gw_f.shape == w.shape
+    # float64 from the same bf16 inputs: both within bf16 rounding of it
+    xb, wb, ub = x.detach().bfloat16().double(), w.detach().bfloat16().double(), upstream.double()
+    want_x, want_w = ub @ wb, ub.reshape(-1, 50).t() @ xb.reshape(-1, D)
+    for got, want in ((gx_f, want_x), (gw_f, want_w), (gx_p, want_x), (gw_p, want_w)):
+        torch.testing.assert_close(
+            got.double(), want, rtol=0.02, atol=0.02 * float(want.abs().max())
+        )
+    with torch.no_grad():  # without autocast, or not fast: the plain product
+        assert torch.equal(tied_logits(x, w, fast=True), x @ w.t())
 
 
 def test_set_cpu_half_attention_switches_every_attention_module():

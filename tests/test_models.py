@@ -134,7 +134,7 @@ def test_trans_logp_float32_and_normalised_under_bf16_autocast():
 def test_trans_logp_equals_gated_mixture_of_head_softmaxes(fused):
     """log P(v|u) = log sum_h softmax_h(gate(u)) softmax_{u<v<L_b}(q_h(u).k_h(v)/sqrt(d_h))."""
     model = _model().double().eval()
-    model.fused_transitions = fused
+    model.fused_heads = fused
     src, lens = _src([4, 2])
     with torch.no_grad():
         out, h = _final_states(model, src, lens)
@@ -162,22 +162,28 @@ def test_trans_logp_equals_gated_mixture_of_head_softmaxes(fused):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_fused_transitions_equal_the_first_version_in_value_and_gradient(bf16):
-    """`fused_transitions` is a speed setting: the same (B, L, L) values, -inf pattern and
-    parameter gradients as the concatenation + -inf-safe composites, on a ragged padded batch
+def test_fused_heads_equal_the_first_version_in_value_and_gradient(bf16):
+    """`fused_heads` is a speed setting: the same (B, L, L) values, -inf pattern and
+    parameter gradients (of a loss on the transitions and the token logits) as the concatenation +
+    -inf-safe composites and autograd's tied head, on a ragged padded batch
     (rows without successors, padded rows and columns); float32 to rounding, bf16 autocast within
     bf16 noise of it."""
     src, lens = _src(SRC_LENS, extra_pad=2)
     results = []
     for fused in (True, False):
         model = _model().train()
-        model.fused_transitions = fused
+        model.fused_heads = fused
         torch.manual_seed(5)  # the same dropout masks
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(src, lens)
         finite = torch.isfinite(out.trans_logp)
-        w = torch.randn(out.trans_logp.shape, generator=torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(2)
+        w = torch.randn(out.trans_logp.shape, generator=g)
         loss = torch.where(finite, out.trans_logp * w, 0.0).sum()
+        loss = (
+            loss
+            + (out.token_logits.float() * torch.randn(out.token_logits.shape, generator=g)).sum()
+        )
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
         results.append((out.trans_logp.detach(), finite, grads))
     (fused, fin_f, g_f), (plain, fin_p, g_p) = results

@@ -34,25 +34,25 @@ from codat.train import resolve_model_config, trainable_pairs
 @dataclass(frozen=True)
 class Variant:
     """One way to run the step: its `StepOptions`, the model's two speed settings (the attention
-    mode on CPU, `layers.CPU_HALF_ATTENTION`, and `DATransformer.fused_transitions`), whether
+    mode on CPU, `layers.CPU_HALF_ATTENTION`, and `DATransformer.fused_heads`), whether
     AdamW uses its fused kernel (`torch.optim.AdamW(fused=True)`, as train.py builds it) and
     whether freed memory stays in the heap (`memory.keep_freed_memory`, as train.py sets it on
     CPU)."""
 
     options: StepOptions
     attention: str
-    fused_transitions: bool
+    fused_heads: bool
     fused_adamw: bool = False
     keep_freed_memory: bool = False
 
 
 VARIANTS = {
-    "plain": Variant(StepOptions.plain(), attention="sdpa", fused_transitions=False),
-    "fast": Variant(StepOptions(), attention="matmul", fused_transitions=True, fused_adamw=True),
+    "plain": Variant(StepOptions.plain(), attention="sdpa", fused_heads=False),
+    "fast": Variant(StepOptions(), attention="matmul", fused_heads=True, fused_adamw=True),
     "fast+mem": Variant(
         StepOptions(),
         attention="matmul",
-        fused_transitions=True,
+        fused_heads=True,
         fused_adamw=True,
         keep_freed_memory=True,
     ),
@@ -111,7 +111,7 @@ class StepRunner:
 
     def step(self, batch: Batch, variant: Variant) -> None:
         set_cpu_half_attention(self.model, variant.attention)
-        self.model.fused_transitions = variant.fused_transitions
+        self.model.fused_heads = variant.fused_heads
         loss, _ = dat_step(
             self.model,
             batch,
@@ -258,9 +258,7 @@ def describe(variant: Variant) -> str:
     on = [k for k, v in vars(variant.options).items() if v]
     if variant.attention != "sdpa":
         on.append(f"attention_{variant.attention}")
-    on += [
-        k for k in ("fused_transitions", "fused_adamw", "keep_freed_memory") if getattr(variant, k)
-    ]
+    on += [k for k in ("fused_heads", "fused_adamw", "keep_freed_memory") if getattr(variant, k)]
     return "all settings off" if not on else " ".join(on)
 
 

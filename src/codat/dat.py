@@ -20,7 +20,13 @@ from torch import nn
 from codat.config import ModelConfig
 from codat.dag import NEG_INF, log_softmax_safe, logsumexp_safe
 from codat.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from codat.layers import Dropout, bert_init, decoder_stack, shared_embedding_and_encoder
+from codat.layers import (
+    Dropout,
+    bert_init,
+    decoder_stack,
+    shared_embedding_and_encoder,
+    tied_logits,
+)
 from codat.nat_core import build_length_head, masked_mean_length_logits
 
 
@@ -64,9 +70,10 @@ class DATransformer(nn.Module):
         self.link_query = nn.Linear(2 * D, D)
         self.link_key = nn.Linear(2 * D, D)
         self.link_gate = nn.Linear(2 * D, H)
-        # A speed setting, exact up to rounding: `transitions` without the (B, L, 2D) feature
-        # concatenation and with torch's fused log-softmax / logsumexp (False: as first written).
-        self.fused_transitions = True
+        # A speed setting, exact up to rounding (False: as first written): `transitions` without
+        # the (B, L, 2D) feature concatenation and with torch's fused log-softmax / logsumexp, and
+        # the token head's weight gradient in its faster matmul layout (`layers.tied_logits`).
+        self.fused_heads = True
         self.apply(bert_init)
         # Only for predict, created and initialised last: the other weights start the same.
         self.length_head = build_length_head(cfg) if cfg.upsample == "predict" else None
@@ -141,7 +148,7 @@ class DATransformer(nn.Module):
         x = self.drop(self.embed(graph_ids) * self.encoder.scale + self.graph_positions(pos))
         for layer in self.decoder_layers:
             x = layer(x, graph_mask, enc.states, enc.src_mask)
-        token_logits = x @ self.embed.weight.t()  # (B, L, V), tied to the embeddings
+        token_logits = tied_logits(x, self.embed.weight, fast=self.fused_heads)  # (B, L, V)
         trans_logp = self.transitions(x, graph_mask)
         return DagOutput(token_logits, trans_logp, enc.graph_lens)
 
@@ -158,7 +165,7 @@ class DATransformer(nn.Module):
         H = self.cfg.heads
         pos = torch.arange(L, device=h.device)
         valid = (pos.unsqueeze(0) > pos.unsqueeze(1)).unsqueeze(0) & graph_mask.unsqueeze(1)
-        if not self.fused_transitions:
+        if not self.fused_heads:
             feats = torch.cat([h, self.link_positions(pos).expand(B, L, D).to(h.dtype)], dim=-1)
             q, k, gate = self.link_query(feats), self.link_key(feats), self.link_gate(feats)
         else:
@@ -180,7 +187,7 @@ class DATransformer(nn.Module):
         log_gate = torch.log_softmax(gate.float(), dim=-1).transpose(1, 2).unsqueeze(-1)
         with torch.autocast(device_type=h.device.type, enabled=False):
             scores = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (B, H, L, L)
-            if not self.fused_transitions:
+            if not self.fused_heads:
                 scores = scores.masked_fill(~valid.unsqueeze(1), NEG_INF)
                 per_head = log_softmax_safe(scores, dim=-1)  # rows without successors stay -inf
                 return logsumexp_safe(per_head + log_gate, dim=1)

@@ -56,7 +56,7 @@ class StepOptions:
     """How `dat_step` computes, never what: each setting gives the same loss and gradients (float32:
     up to rounding; bf16: within bf16 noise) and is on by default. `StepOptions.plain()` turns all
     off (the step as first written), which `codat benchmark train` times against; two more live
-    on the model (`layers.set_cpu_half_attention`, `DATransformer.fused_transitions`)."""
+    on the model (`layers.set_cpu_half_attention`, `DATransformer.fused_heads`)."""
 
     fused_token_logp: bool = True  # `gather_token_logp(fused=True)`: no float32 (B, L, V) log-probs
     share_encoder: bool = True  # glancing: pass 1 decodes pass 2's encoder states (one encoder run)

@@ -46,10 +46,10 @@ HALF = (torch.bfloat16, torch.float16)
 # How attention runs on CPU under autocast or on half-precision inputs (elsewhere: SDPA as given).
 #   sdpa    torch's SDPA in the half dtype (the first version; its bf16 kernels are slow on CPU);
 #   fp32    SDPA in float32, outside autocast, a float32 result: exact up to float32 rounding;
-#   matmul  scores and weighted sum as two half-precision batched matmuls (float32 accumulation)
-#           and the softmax in float32, as fairseq's attention does under fp16/bf16 training:
-#           within bf16 noise of fp32, and the fastest on CPU (profiled at the small DAT config:
-#           1.4-1.9x fp32 SDPA forward+backward).
+#   matmul  scores (scale and key mask inside one baddbmm) and weighted sum as two half-precision
+#           batched matmuls (float32 accumulation), the softmax in float32, as fairseq's attention
+#           does under fp16/bf16 training: within bf16 noise of fp32, and the fastest on CPU
+#           (measured at the small DAT config's shapes: 1.5-2.2x fp32 SDPA forward+backward).
 CPU_HALF_ATTENTION = ("sdpa", "fp32", "matmul")
 
 
@@ -74,11 +74,53 @@ def attention(
                 q.float(), k.float(), v.float(), attn_mask=attn_mask
             )
         dtype = q.dtype if q.dtype in HALF else torch.get_autocast_dtype("cpu")
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, S)
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype) @ v
+        B, H, T, d = q.shape
+        S = k.shape[2]
+        if attn_mask is None:
+            bias = q.new_zeros((1, 1, 1), dtype=dtype)
+        else:  # the mask as an additive bias (B * H, T or 1, S), added inside the matmul
+            bias = torch.zeros(attn_mask.shape, dtype=dtype, device=q.device)
+            bias = bias.masked_fill_(~attn_mask, float("-inf")).expand(B, H, -1, S)
+            bias = bias.reshape(B * H, -1, S)
+        scores = torch.baddbmm(  # (B * H, T, S) = q k^T / sqrt(d) + bias, rounded once
+            bias,
+            q.to(dtype).reshape(B * H, T, d),
+            k.to(dtype).reshape(B * H, S, d).transpose(1, 2),
+            alpha=d**-0.5,
+        )
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        return torch.bmm(weights, v.to(dtype).reshape(B * H, S, d)).view(B, H, T, d)
+
+
+class _TiedLogits(torch.autograd.Function):
+    """x @ w^T with w's gradient as (x^T g)^T from a contiguous x^T: on CPU in bf16 that matmul
+    layout is ~1.5x faster than autograd's g^T x for the (R x V) logits' gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # (..., D), (V, D) -> (..., V)  # noqa: D102
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, w = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ w
+        if ctx.needs_input_grad[1]:
+            g = grad.reshape(-1, grad.shape[-1])
+            grad_w = (x.reshape(-1, x.shape[-1]).t().contiguous() @ g).t()
+        return grad_x, grad_w
+
+
+def tied_logits(x: torch.Tensor, weight: torch.Tensor, *, fast: bool) -> torch.Tensor:
+    """Token logits x @ weight^T of a head tied to the (V, D) embeddings. `fast` (a speed
+    setting, same values): under CPU autocast, `_TiedLogits`' weight-gradient layout."""
+    if fast and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return _TiedLogits.apply(x.to(dtype), weight.to(dtype))
+    return x @ weight.t()
 
 
 class MultiHeadAttention(nn.Module):

@@ -24,42 +24,57 @@ def _chunked_token_logp(
     index: torch.Tensor,  # (R, M) long
     *,
     row_max: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # (R, M), (R,) or None, at least float32
-    """log_softmax(logits)[r, index[r, m]], `chunk_rows` rows at a time, and with `row_max` the
-    largest log-prob of each row, taken from the same chunk."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # (R, M), (R, 1), (R,) or None
+    """log_softmax(logits)[r, index[r, m]] = logits[r, index] - lse_r, `chunk_rows` rows at a
+    time, in at least float32; also the log-normalisers lse_r = log sum_v exp(logits[r, v]) (for
+    the backward pass) and with `row_max` the largest log-prob of each row, max_v logits - lse_r.
+    Per chunk: one copy into a reused float32 buffer, its row maxima, and exp / sum / log in
+    place (torch's log_softmax would also write the (rows, V) log-probs; the gather reads the
+    logits instead). A row's largest log-prob and the log-prob of a token that attains it are
+    the same float: `top == logp` finds the argmax tokens exactly."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
+    R, V = logits.shape
     out = torch.empty(index.shape, dtype=dtype, device=logits.device)
-    top = torch.empty(logits.shape[0], dtype=dtype, device=logits.device) if row_max else None
-    step = chunk_rows(logits.shape[1])
-    for s in range(0, logits.shape[0], step):
-        logp = torch.log_softmax(logits[s : s + step], dim=-1, dtype=dtype)
+    lse = torch.empty(R, 1, dtype=dtype, device=logits.device)
+    top = torch.empty(R, dtype=dtype, device=logits.device) if row_max else None
+    step = chunk_rows(V)
+    buf = torch.empty(min(step, R), V, dtype=dtype, device=logits.device)
+    for s in range(0, R, step):
+        e = min(s + step, R)
+        chunk = buf[: e - s].copy_(logits[s:e])
+        m = chunk.amax(dim=-1, keepdim=True)
+        picked = chunk.gather(-1, index[s:e])
+        norm = chunk.sub_(m).exp_().sum(dim=-1, keepdim=True).log_().add_(m)
+        lse[s:e] = norm
+        torch.sub(picked, norm, out=out[s:e])
         if top is not None:
-            torch.amax(logp, dim=-1, out=top[s : s + step])
-        torch.gather(logp, -1, index[s : s + step], out=out[s : s + step])
-    return out, top
+            torch.sub(m.squeeze(1), norm.squeeze(1), out=top[s:e])
+    return out, lse, top
 
 
 class _TokenLogp(torch.autograd.Function):
     """log_softmax(logits)[r, index[r, m]] of (R, V) logits in at least float32, and its exact
     gradient d logits[r] = scatter_add(g[r]) - softmax(logits[r]) * sum_m g[r, m], both computed
-    `chunk_rows` rows at a time (the fused log_softmax / softmax kernels, float32 output), the
-    gradient rounded once to the logits' dtype: no (B, L, V) float32 tensor is ever made."""
+    `chunk_rows` rows at a time (softmax = exp(logits - lse) from the forward's log-normalisers),
+    the gradient rounded once to the logits' dtype: no (B, L, V) float32 tensor is ever made."""
 
     @staticmethod
     def forward(ctx, logits, index):  # (R, V), (R, M) long -> (R, M)
-        out, _ = _chunked_token_logp(logits, index, row_max=False)
-        ctx.save_for_backward(logits, index)
+        out, lse, _ = _chunked_token_logp(logits, index, row_max=False)
+        ctx.save_for_backward(logits, index, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # (R, M)
-        logits, index = ctx.saved_tensors
+        logits, index, lse = ctx.saved_tensors
         out = torch.empty_like(logits)
         total = grad.sum(-1, keepdim=True).neg_()  # (R, 1)
-        step = chunk_rows(logits.shape[1])
-        for s in range(0, logits.shape[0], step):
-            e = s + step
-            p = torch.softmax(logits[s:e], dim=-1, dtype=grad.dtype)
+        R, V = logits.shape
+        step = chunk_rows(V)
+        buf = torch.empty(min(step, R), V, dtype=grad.dtype, device=grad.device)
+        for s in range(0, R, step):
+            e = min(s + step, R)
+            p = torch.sub(logits[s:e], lse[s:e], out=buf[: e - s]).exp_()
             out[s:e] = p.mul_(total[s:e]).scatter_add_(-1, index[s:e], grad[s:e])
         return out, None
 
@@ -76,7 +91,7 @@ def token_logp_and_max(
     B, L, V = token_logits.shape
     N = tgt_ids.shape[1]
     index = tgt_ids.unsqueeze(1).expand(B, L, N).reshape(B * L, N)
-    out, top = _chunked_token_logp(token_logits.reshape(B * L, V), index, row_max=True)
+    out, _, top = _chunked_token_logp(token_logits.reshape(B * L, V), index, row_max=True)
     return out.view(B, L, N), top.view(B, L)
 
 
