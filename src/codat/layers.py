@@ -109,7 +109,9 @@ class _TiedLogits(torch.autograd.Function):
             grad_x = grad @ w
         if ctx.needs_input_grad[1]:
             g = grad.reshape(-1, grad.shape[-1])
-            grad_w = (x.reshape(-1, x.shape[-1]).t().contiguous() @ g).t()
+            # contiguous: a transposed gradient makes autograd's accumulation into the
+            # embedding's (V, D) gradient a strided add, slower than the matmul saved
+            grad_w = (x.reshape(-1, x.shape[-1]).t().contiguous() @ g).t().contiguous()
         return grad_x, grad_w
 
 
