@@ -3,8 +3,9 @@
 Checked: the result lists the plain and the fast steps with finite, positive seconds, tokens/s,
 FLOPs and % of the measured matmul peak (fast counts fewer FLOPs: pass 1 reuses pass 2's encoder);
 the speed-up is the median of the per-repetition time ratios, by wall and by CPU time (1 for the
-baseline); the report
-names both steps and their settings; a non-DAT config and too few batches are refused.
+baseline); each timed turn runs its untimed warm-up steps first, outside the timed span; the
+report names both steps and their settings; a non-DAT config, too few batches and a negative
+warm-up are refused.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def test_train_benchmark_reports_both_steps(cfg):
     result = run_train_benchmark(cfg, batches=2, repeats=2, peak_size=32)
     assert list(result["variants"]) == list(VARIANTS) == ["plain", "fast", "fast+mem"]
     assert result["relative_to"] == "plain" and result["repeats"] == 2
+    assert result["warmup_steps"] == 1
     assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
     assert "glance_ratio=0.5" in result["config"] and "bf16=True" in result["config"]
     plain, fast = result["variants"]["plain"], result["variants"]["fast"]
@@ -61,11 +63,43 @@ def test_train_benchmark_reports_both_steps(cfg):
     assert "all settings off" in report
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_train_benchmark_runs_the_untimed_warmup_steps_before_each_turn(cfg, warmup, monkeypatch):
+    from codat import bench_train
+
+    events = []  # ("step", variant) and ("clock", None), in order
+    original = bench_train.StepRunner.step
+
+    def step(self, batch, variant):
+        events.append(("step", variant))
+        original(self, batch, variant)
+
+    def clock():
+        events.append(("clock", None))
+        return float(len(events))
+
+    monkeypatch.setattr(bench_train.StepRunner, "step", step)
+    monkeypatch.setattr(bench_train.time, "perf_counter", clock)
+    result = run_train_benchmark(cfg, batches=2, repeats=2, peak_size=32, warmup=warmup)
+    assert result["warmup_steps"] == warmup
+    reads = [i for i, (kind, _) in enumerate(events) if kind == "clock"]
+    # per variant: the first pass and the FLOP-counting pass, then one span per repetition
+    assert len(reads) == 2 * (2 + 2) * len(VARIANTS)
+    reads = reads[2 * 2 * len(VARIANTS) :]
+    for start, stop in zip(reads[::2], reads[1::2], strict=True):
+        timed = events[start + 1 : stop]
+        assert len(timed) == 2 and timed[0] == timed[1]  # the two batches, one variant
+        before = events[start - warmup : start]  # its warm-up steps come just before the span
+        assert before == [timed[0]] * warmup
+
+
 def test_train_benchmark_refuses_other_archs_and_too_few_batches(cfg):
     with pytest.raises(ValueError, match="model.arch=at"):
         run_train_benchmark(replace(cfg, model=replace(cfg.model, arch="at")), batches=1)
     with pytest.raises(ValueError, match="--batches=100000"):
         run_train_benchmark(cfg, batches=100000, repeats=1)
+    with pytest.raises(ValueError, match="--warmup >= 0"):
+        run_train_benchmark(cfg, batches=1, repeats=1, warmup=-1)
 
 
 def test_keep_freed_memory_toggles_glibc_malloc():

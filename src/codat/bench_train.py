@@ -127,8 +127,12 @@ class StepRunner:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def run(self, variant: Variant) -> tuple[float, float]:  # wall, CPU seconds of this process
+    def run(self, variant: Variant, *, warmup: int = 0) -> tuple[float, float]:
+        """Train one step per batch with `variant`, after `warmup` untimed steps on the first
+        batch; returns the wall and CPU (this process) seconds of the timed steps."""
         keep_freed_memory(variant.keep_freed_memory)
+        for _ in range(warmup):
+            self.step(self.batches[0], variant)
         t0, c0 = time.perf_counter(), time.process_time()
         for batch in self.batches:
             self.step(batch, variant)
@@ -162,14 +166,22 @@ def run_train_benchmark(
     ratio: float | None = None,
     seed: int = 0,
     peak_size: int = 2048,
+    warmup: int = 1,
 ) -> dict:
     """Time the plain and the fast DAT step (`VARIANTS`) on the same `batches` batches of cfg's
     data, `repeats` times each, alternating; measure the matmul peak in the same run. `ratio`:
-    the glancing ratio (default: the run's first, train.glance_start)."""
+    the glancing ratio (default: the run's first, train.glance_start). `warmup`: untimed steps
+    before each timed turn, so that each variant is timed in the steady state of its own memory
+    setting, as a training run has it: after another variant's turn (and the peak's matmuls) the
+    heap holds other blocks, and `fast+mem`'s first step would page-fault its large tensors in
+    again, once per turn instead of once per training run."""
     if cfg.model.arch != "dat":
         raise ValueError(f"benchmark train times the DAT step: model.arch={cfg.model.arch}")
-    if repeats < 1 or batches < 1:
-        raise ValueError(f"need --repeats >= 1 and --batches >= 1, got {repeats}, {batches}")
+    if repeats < 1 or batches < 1 or warmup < 0:
+        raise ValueError(
+            f"need --repeats >= 1, --batches >= 1 and --warmup >= 0, got {repeats}, {batches}, "
+            f"{warmup}"
+        )
     cfg = resolve_model_config(cfg, resume=False)
     tc = cfg.train
     if ratio is None:
@@ -189,12 +201,14 @@ def run_train_benchmark(
     for r in range(repeats):
         peaks.append(matmul_peak(dtype=dtype, size=peak_size))
         for name in names if r % 2 == 0 else names[::-1]:
-            wall, cpu = runner.run(VARIANTS[name])
+            wall, cpu = runner.run(VARIANTS[name], warmup=warmup)
             seconds[name].append(wall)
             cpu_seconds[name].append(cpu)
-    return summarise(
+    result = summarise(
         cfg, seconds, cpu_seconds, flops, peaks, tokens=tokens, batches=batches, ratio=ratio
     )
+    result["warmup_steps"] = warmup
+    return result
 
 
 def summarise(
@@ -270,7 +284,8 @@ def format_train_report(result: dict) -> str:
     lines = [
         f"DAT training step: {r['config']}",
         f"{r['batches']} batches ({r['target_tokens_per_step']:.0f} target tokens/step) x "
-        f"{r['repeats']} repetitions, alternating; threads={r['torch_threads']}, "
+        f"{r['repeats']} repetitions, alternating, {r.get('warmup_steps', 0)} untimed step(s) "
+        f"before each; threads={r['torch_threads']}, "
         f"torch {r['torch_version']}; {dtype} matmul peak {r['matmul_peak_flops'] / 1e9:.0f} "
         "GFLOP/s per thread (best 2048^3 matmul)",
         "",

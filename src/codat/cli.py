@@ -422,6 +422,12 @@ def _add_benchmark(sub) -> None:
     train.add_argument(
         "--repeats", type=int, default=5, help="alternating timed passes (default 5)"
     )
+    train.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps before each timed pass: each variant's steady state (default 1)",
+    )
     train.add_argument("--ratio", type=float, default=None, help="glancing ratio (default: start)")
     train.add_argument("--seed", type=int, default=0, help="batch order and model seed (default 0)")
     train.add_argument(

@@ -318,7 +318,7 @@ def benchmark_train(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     cfg = load_config(recipes.resolve(a.config), a.overrides)
     result = run_train_benchmark(
-        cfg, batches=a.batches, repeats=a.repeats, ratio=a.ratio, seed=a.seed
+        cfg, batches=a.batches, repeats=a.repeats, ratio=a.ratio, seed=a.seed, warmup=a.warmup
     )
     print(format_train_report(result))
     _write_json(result, a.json)
