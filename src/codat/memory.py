@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
+# mallopt's value is a C int: the largest trim threshold it can take (2 GiB of free memory at the
+# heap's top). A larger Python int is cut to its low 32 bits by ctypes: 1 << 40 became 0, which
+# trims the heap on every free and page-faults the next step's tensors in again.
+_NO_TRIM = 2**31 - 1
 _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 
@@ -43,7 +47,7 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     if libc is None:
         return False
     if enabled:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40) == 1
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM) == 1
     else:
         ok = (
             libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
