@@ -49,7 +49,7 @@ HALF = (torch.bfloat16, torch.float16)
 #   matmul  scores (scale and key mask inside one baddbmm) and weighted sum as two half-precision
 #           batched matmuls (float32 accumulation), the softmax in float32, as fairseq's attention
 #           does under fp16/bf16 training: within bf16 noise of fp32, and the fastest on CPU
-#           (measured at the small DAT config's shapes: 1.5-2.2x fp32 SDPA forward+backward).
+#           (measured at the small DAT config's shapes: 1.4-2.2x fp32 SDPA forward+backward).
 CPU_HALF_ATTENTION = ("sdpa", "fp32", "matmul")
 
 
