@@ -318,16 +318,24 @@ def test_streaming_writes_one_line_per_input_line_like_batch_decoding(data, tmp_
 
 @torch.no_grad()
 def test_precision_bf16_decodes_every_decoder_under_bf16_autocast():
-    """decode.precision bf16 runs the model's matmuls in bfloat16 (the logits come out bf16)
-    for every decoder; fp32 is exactly today's decoding; a bad value names the key."""
-    seen = []
+    """decode.precision bf16 runs the model's matmuls in bfloat16 (the decoder layers' outputs
+    come out bf16) but the token logits in float32, equal to a float32 head on the same bf16
+    states, for every decoder; fp32 is exactly today's decoding; a bad value names the key."""
+    seen, states = [], []
     model = make_model("dat")
-    model.register_forward_hook(lambda m, i, out: seen.append(out.token_logits.dtype))
+    model.register_forward_hook(lambda m, i, out: seen.append(out.token_logits))
+    model.decoder_layers[-1].register_forward_hook(lambda m, i, out: states.append(out))
     sources = _sources([5, 3, 7])
     fp32 = translate_ids(model, sources, DecodeConfig())
-    assert seen == [torch.float32]
+    assert [x.dtype for x in seen] == [torch.float32]
     bf16 = translate_ids(model, sources, DecodeConfig(precision="bf16"))
-    assert seen[1:] == [torch.bfloat16] and len(bf16) == len(fp32) == 3
+    assert [x.dtype for x in seen[1:]] == [torch.float32] and len(bf16) == len(fp32) == 3
+    assert states[1].dtype == torch.float32  # the last layer ends in a float32 LayerNorm
+    want = states[1] @ model.embed.weight.t()  # a float32 head on the same states
+    torch.testing.assert_close(seen[1], want, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # control: a bf16 head rounds them
+        rounded = states[1] @ model.embed.weight.t()
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), want)
     assert translate_ids(model, sources, DecodeConfig(precision="fp32")) == fp32
     at = translate_ids(make_model("at"), sources, DecodeConfig(precision="bf16"))
     assert len(at) == 3

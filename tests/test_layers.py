@@ -33,6 +33,7 @@ from codat.layers import (
     MultiHeadAttention,
     attention,
     bert_init,
+    float32_logits,
     set_cpu_half_attention,
     tied_logits,
 )
@@ -301,6 +302,18 @@ def test_tied_logits_fast_gradient_layout_under_autocast():
         )
     with torch.no_grad():  # without autocast, or not fast: the plain product
         assert torch.equal(tied_logits(x, w, fast=True), x @ w.t())
+
+
+def test_float32_logits_keeps_the_tied_head_in_float32_under_autocast():
+    x, w = torch.randn(2, 3, D), torch.randn(50, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tied_logits(x, w).dtype == torch.bfloat16
+        with float32_logits():
+            inside = tied_logits(x, w)
+        with float32_logits(False):
+            assert tied_logits(x, w).dtype == torch.bfloat16
+        assert tied_logits(x, w).dtype == torch.bfloat16  # reset on exit
+    assert inside.dtype == torch.float32 and torch.equal(inside, x @ w.t())
 
 
 def test_set_cpu_half_attention_switches_every_attention_module():

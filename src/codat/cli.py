@@ -22,7 +22,8 @@ from codat.runs import Interrupted, TrainingStopped
 DECODE_HELP = {
     "decoder": "decoder of the model's arch (first = default): dat lookahead|greedy|viterbi|"
     "sample; at beam|greedy; nat/glat argmax|npd; ctc greedy; cmlm mask-predict",
-    "precision": "fp32, or bf16: the model's matmuls under bfloat16 autocast (every decoder)",
+    "precision": "fp32, or bf16: the model's matmuls under bfloat16 autocast, token logits in "
+    "float32 (every decoder)",
     "lookahead_token_weight": "lookahead: weight of the token log-prob in the next-vertex score",
     "viterbi_length_exponent": "viterbi: the joint score is divided by length ** this",
     "max_tokens": "decoding batch size, in decoder positions",

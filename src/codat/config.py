@@ -357,8 +357,8 @@ class DecodeConfig:
     nat argmax|npd; ctc greedy; cmlm mask-predict."""
 
     decoder: str = ""
-    # fp32, or bf16: the model's matmuls under bfloat16 autocast (the DAG decoding and the
-    # transitions stay float32), for every decoder
+    # fp32, or bf16: the model's matmuls under bfloat16 autocast (the token logits, the DAG
+    # decoding and the transitions stay float32), for every decoder
     precision: str = "fp32"
     lookahead_token_weight: float = 1.0  # lookahead: weight of the token log-prob
     viterbi_length_exponent: float = 1.0  # joint Viterbi: score / length ** this exponent

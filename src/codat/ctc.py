@@ -56,7 +56,7 @@ from codat.ctc_maths import (
 from codat.dat import graph_lengths
 from codat.data import PAD_ID, Batch
 from codat.glancing import replay_rng
-from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
+from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder, tied_logits
 from codat.nat_core import content_targets, uniform_copy_indices
 from codat.objectives import log_softmax_fp32
 from codat.rewards import sentence_bleu
@@ -149,7 +149,7 @@ class CTCModel(nn.Module):
         x = self.drop(dec_inputs + self.positions(pos))
         for layer in self.decoder_layers:
             x = layer(x, mask, enc.states, enc.src_mask)
-        token_logits = x @ self.embed.weight.t()  # (B, L, V), tied
+        token_logits = tied_logits(x, self.embed.weight)  # (B, L, V), tied
         blank_logits = x @ self.blank.to(x.dtype).unsqueeze(1)  # (B, L, 1)
         return CtcOutput(torch.cat([token_logits, blank_logits], dim=-1), enc.out_lens)
 

@@ -36,6 +36,7 @@ from codat.dat_decode import (
     dat_viterbi_decoder,
 )
 from codat.data import EOS_ID, PAD_ID, read_lines, token_batches
+from codat.layers import float32_logits
 from codat.nat import nat_argmax_decoder, nat_npd_decoder
 from codat.transformer import at_beam_decoder, at_greedy_decoder
 
@@ -203,7 +204,7 @@ def translate_ids(
     )
     for idx in tqdm(batches, desc="decode", unit="batch", leave=False, **bar):
         src = source_tensor(sources, lens, idx)
-        with autocast:
+        with autocast, float32_logits(dc.precision == "bf16"):
             ids = decoder(model, src.to(device), lens[idx].to(device), dc, generator).cpu()
         for row, i in enumerate(idx):
             results[i] = [t for t in ids[row].tolist() if t != PAD_ID]

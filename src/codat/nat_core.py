@@ -32,7 +32,7 @@ from torch import nn
 
 from codat.config import ModelConfig
 from codat.data import PAD_ID
-from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder
+from codat.layers import bert_init, decoder_stack, shared_embedding_and_encoder, tied_logits
 from codat.objectives import log_softmax_fp32
 
 
@@ -115,7 +115,7 @@ class LengthNAT(nn.Module):
         x = self.drop(dec_inputs + self.positions(pos))
         for layer in self.decoder_layers:
             x = layer(x, mask, enc.states, enc.src_mask)
-        return x @ self.embed.weight.t()
+        return tied_logits(x, self.embed.weight)
 
 
 def build_length_head(cfg: ModelConfig) -> nn.Linear:

@@ -22,7 +22,13 @@ from torch import nn
 
 from codat.config import DecodeConfig, ModelConfig, RunConfig
 from codat.data import BOS_ID, EOS_ID, PAD_ID, Batch
-from codat.layers import LayerCache, bert_init, decoder_stack, shared_embedding_and_encoder
+from codat.layers import (
+    LayerCache,
+    bert_init,
+    decoder_stack,
+    shared_embedding_and_encoder,
+    tied_logits,
+)
 
 
 class EncoderOut(NamedTuple):
@@ -96,7 +102,7 @@ class ATransformer(nn.Module):
         tgt_mask = prev_ids != PAD_ID  # only padded queries ever reach a padded key
         for layer in self.decoder_layers:
             x = layer(x, tgt_mask, enc.states, enc.src_mask, causal=True)
-        return x @ self.embed.weight.t()  # tied output projection, as in DAT
+        return tied_logits(x, self.embed.weight)  # tied output projection, as in DAT
 
     def forward(
         self,
@@ -126,7 +132,7 @@ class ATransformer(nn.Module):
         for layer, cache in zip(self.decoder_layers, state.caches, strict=True):
             x, cache = layer.step(x, state.src_mask, cache)
             caches.append(cache)
-        return x[:, 0] @ self.embed.weight.t(), DecoderState(tuple(caches), state.src_mask)
+        return tied_logits(x[:, 0], self.embed.weight), DecoderState(tuple(caches), state.src_mask)
 
 
 def reorder_state(state: DecoderState, rows: torch.Tensor) -> DecoderState:  # rows (B,) long
