@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -111,17 +112,27 @@ def test_keep_freed_memory_toggles_glibc_malloc():
     assert float(x.sum()) == 8 << 20
 
 
-def _faults_of_a_fresh_tensor_after_a_freed_one(mb: int = 64) -> int:
-    """Minor page faults of allocating and filling `mb` MB right after the same size was freed."""
-    import resource
+_FAULTS_SCRIPT = """
+import resource, sys
+import torch
+from codat.memory import keep_freed_memory
 
-    x = torch.ones(mb << 18)  # float32: mb MB, every page touched
-    del x
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    y = torch.ones(mb << 18)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del y
-    return faults
+assert keep_freed_memory(sys.argv[1] == "on") is True
+x = torch.ones(64 << 18)  # float32: 64 MB, every page touched
+del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+y = torch.ones(64 << 18)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults_of_a_fresh_tensor_after_a_freed_one(setting: str) -> int:
+    """Minor page faults of allocating and filling 64 MB right after the same size was freed, in
+    a fresh interpreter (this one's heap may border other mappings after many tests)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT, setting], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.split()[-1])
 
 
 def test_keep_freed_memory_reuses_freed_pages_without_page_faults():
@@ -130,12 +141,7 @@ def test_keep_freed_memory_reuses_freed_pages_without_page_faults():
     unmap per tensor). A trim threshold that did not fit mallopt's C int (0) failed this."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc mallopt: Linux only")
-    try:
-        assert keep_freed_memory(True) is True
-        kept = _faults_of_a_fresh_tensor_after_a_freed_one()
-    finally:
-        assert keep_freed_memory(False) is True
-    default = _faults_of_a_fresh_tensor_after_a_freed_one()
+    kept, default = (_faults_of_a_fresh_tensor_after_a_freed_one(s) for s in ("on", "off"))
     pages = (64 << 20) // 4096
     assert kept < pages // 16 and default > pages // 2, (kept, default)
 
