@@ -10,6 +10,7 @@ warm-up are refused.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import statistics
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import torch
 from corpus import prepare_copy_task
 
+from codat import memory
 from codat.bench_train import VARIANTS, format_train_report, matmul_peak, run_train_benchmark
 from codat.config import config_from_dict
 from codat.memory import keep_freed_memory
@@ -118,17 +120,17 @@ import torch
 from codat.memory import keep_freed_memory
 
 assert keep_freed_memory(sys.argv[1] == "on") is True
-x = torch.ones(64 << 18)  # float32: 64 MB, every page touched
+x = torch.ones(256 << 18)  # float32: 256 MB, every page touched
 del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-y = torch.ones(64 << 18)
+y = torch.ones(64 << 18)  # 64 MB
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults_of_a_fresh_tensor_after_a_freed_one(setting: str) -> int:
-    """Minor page faults of allocating and filling 64 MB right after the same size was freed, in
-    a fresh interpreter (this one's heap may border other mappings after many tests)."""
+def _faults_after_a_freed_block(setting: str) -> int:
+    """Minor page faults of allocating and filling 64 MB right after 256 MB were freed, in a
+    fresh interpreter (this one's heap may border other mappings after many tests)."""
     done = subprocess.run(
         [sys.executable, "-c", _FAULTS_SCRIPT, setting], capture_output=True, text=True, check=True
     )
@@ -136,12 +138,14 @@ def _faults_of_a_fresh_tensor_after_a_freed_one(setting: str) -> int:
 
 
 def test_keep_freed_memory_reuses_freed_pages_without_page_faults():
-    """With the setting on, a freed 64 MB block stays in the heap, resident: allocating it again
-    faults (almost) no page in; with glibc's defaults all 16,384 pages fault in again (mmap and
-    unmap per tensor). A trim threshold that did not fit mallopt's C int (0) failed this."""
+    """With the setting on, freed memory stays in the heap, resident: the next tensor faults
+    (almost) no page in; with glibc's defaults all 16,384 pages of 64 MB fault in (mmap and
+    unmap per tensor). The setting's trim threshold must fit mallopt's C int: 2**40 became 0,
+    which trims the heap whenever a freed block borders its top."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc mallopt: Linux only")
-    kept, default = (_faults_of_a_fresh_tensor_after_a_freed_one(s) for s in ("on", "off"))
+    assert ctypes.c_int(memory._NO_TRIM).value == memory._NO_TRIM > 1 << 30
+    kept, default = (_faults_after_a_freed_block(s) for s in ("on", "off"))
     pages = (64 << 20) // 4096
     assert kept < pages // 16 and default > pages // 2, (kept, default)
 
