@@ -9,7 +9,8 @@ non-autoregressive models never pass either, so their path is unchanged.
 Two speed settings: `MultiHeadAttention.cpu_half` (how attention runs on CPU under bf16 autocast
 or on half inputs, `CPU_HALF_ATTENTION`; the CPU's bfloat16 SDPA kernels are slow, its backward
 above all) and `DropoutTape` (record the dropout masks of one forward, replay them in the next:
-glancing's two passes draw the same masks; exact).
+glancing's two passes draw the same masks; exact). `tied_logits` is every model's token head
+(x @ E^T with the embeddings E), in float32 inside `float32_logits()` (bf16 decoding).
 """
 
 from __future__ import annotations
