@@ -150,5 +150,16 @@ def test_keep_freed_memory_reuses_freed_pages_without_page_faults():
     assert kept < pages // 16 and default > pages // 2, (kept, default)
 
 
+def test_keep_freed_memory_on_cpu_only_and_unless_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.delenv("CODAT_KEEP_FREED_MEMORY", raising=False)
+    assert memory.keep_freed_memory_on_cpu(torch.device("cpu")) is True and calls == [1]
+    assert memory.keep_freed_memory_on_cpu("cpu") is True and calls == [1, 1]
+    assert memory.keep_freed_memory_on_cpu("cuda:0") is False and calls == [1, 1]
+    monkeypatch.setenv("CODAT_KEEP_FREED_MEMORY", "0")
+    assert memory.keep_freed_memory_on_cpu("cpu") is False and calls == [1, 1]
+
+
 def test_matmul_peak_is_positive():
     assert matmul_peak(dtype=torch.float32, size=16, repeats=2) > 0

@@ -108,9 +108,11 @@ def train(a: argparse.Namespace) -> int:
 def generate(a: argparse.Namespace) -> int:
     from codat.artifacts import check_output_file
     from codat.generate import Translator, stream_file, translate_file
+    from codat.memory import keep_freed_memory_on_cpu
 
     check_output_file(a.output, "--output")
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
+    keep_freed_memory_on_cpu(translator.device)  # no page faults for each batch's logits
     dc = decode_config(translator.decode_cfg, a, translator.model.cfg.arch)
     terminal = a.input == "-" and sys.stdin.isatty()
     if terminal:
@@ -132,8 +134,10 @@ def export(a: argparse.Namespace) -> int:
 
 def distill(a: argparse.Namespace) -> int:
     from codat.generate import Translator, distill
+    from codat.memory import keep_freed_memory_on_cpu
 
     translator = Translator.from_dir(a.run_dir, device=device_of(a))
+    keep_freed_memory_on_cpu(translator.device)
     arch, base = translator.model.cfg.arch, translator.decode_cfg
     if arch == "at":  # KD decodes with the beam, whatever the run validated with; --decoder wins
         base = dataclasses.replace(base, decoder="beam")

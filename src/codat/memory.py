@@ -15,7 +15,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +60,12 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     if not ok:
         log.warning("mallopt refused the memory setting (enabled=%s)", enabled)
     return ok
+
+
+def keep_freed_memory_on_cpu(device: torch.device | str) -> bool:
+    """`keep_freed_memory()` for a process that trains or decodes on `device`, if that is the
+    CPU and the environment does not set CODAT_KEEP_FREED_MEMORY=0. Returns whether it took
+    effect."""
+    if torch.device(device).type != "cpu" or os.environ.get("CODAT_KEEP_FREED_MEMORY") == "0":
+        return False
+    return keep_freed_memory()

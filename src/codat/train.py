@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import pathlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -39,7 +38,7 @@ from codat.dat_train import dat_step
 from codat.data import Batch, ParallelData, read_meta
 from codat.evaluate import Validation
 from codat.loop import Loop
-from codat.memory import keep_freed_memory
+from codat.memory import keep_freed_memory_on_cpu
 from codat.nat import glat_step, nat_step
 from codat.runs import (
     StopSignals,
@@ -97,8 +96,7 @@ def train(
     device = dist.device()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    if device.type == "cpu" and os.environ.get("CODAT_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()  # no page faults for every large tensor of every step
+    keep_freed_memory_on_cpu(device)  # no page faults for every large tensor of every step
     torch.manual_seed(cfg.train.seed + dist.rank)
     run_dir = pathlib.Path(cfg.run_dir)
     if dist.is_main:
