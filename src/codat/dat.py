@@ -156,7 +156,7 @@ class DATransformer(nn.Module):
         """log P(v | u) = log sum_h gate_h(u) softmax_{u < v < L_b}(q_h(u) . k_h(v) / sqrt(d_h)).
 
         q, k and the gate read the features [h ; link position] (method.md §2.3); the scores and
-        everything after them run in float32 even under autocast. `fused_transitions`: each linear
+        everything after them run in float32 even under autocast. `fused_heads`: each linear
         map of the features as its h part plus its (L, D) position part, then torch's log_softmax
         and logsumexp with the rows and columns that have no successor masked around them; else
         the concatenation and the -inf-safe composites, as first written. Same values.

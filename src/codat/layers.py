@@ -54,6 +54,12 @@ HALF = (torch.bfloat16, torch.float16)
 CPU_HALF_ATTENTION = ("sdpa", "fp32", "matmul")
 
 
+def _check_cpu_half(mode: str) -> str:
+    if mode not in CPU_HALF_ATTENTION:
+        raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {mode!r}")
+    return mode
+
+
 def attention(
     q: torch.Tensor,  # (B, H, T, D/H)
     k: torch.Tensor,  # (B, H, S, D/H)
@@ -64,8 +70,7 @@ def attention(
 ) -> torch.Tensor:  # (B, H, T, D/H)
     """Scaled dot-product attention; on CPU under autocast or with half inputs as `cpu_half`
     says (`CPU_HALF_ATTENTION`)."""
-    if cpu_half not in CPU_HALF_ATTENTION:
-        raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {cpu_half!r}")
+    _check_cpu_half(cpu_half)
     half = q.dtype in HALF or torch.is_autocast_enabled("cpu")
     if cpu_half == "sdpa" or q.device.type != "cpu" or not half:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -157,11 +162,9 @@ class MultiHeadAttention(nn.Module):
         self, dim: int, heads: int, *, self_attention: bool, cpu_half: str = "matmul"
     ) -> None:
         super().__init__()
-        if cpu_half not in CPU_HALF_ATTENTION:
-            raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {cpu_half!r}")
         self.heads = heads
         self.self_attention = self_attention
-        self.cpu_half = cpu_half
+        self.cpu_half = _check_cpu_half(cpu_half)
         if self_attention:
             self.qkv = nn.Linear(dim, 3 * dim)
         else:
@@ -251,8 +254,7 @@ class MultiHeadAttention(nn.Module):
 def set_cpu_half_attention(model: nn.Module, mode: str) -> None:
     """Set `MultiHeadAttention.cpu_half` (`CPU_HALF_ATTENTION`) in every attention module of
     `model`."""
-    if mode not in CPU_HALF_ATTENTION:
-        raise ValueError(f"cpu_half must be one of {CPU_HALF_ATTENTION}, got {mode!r}")
+    _check_cpu_half(mode)
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             module.cpu_half = mode
