@@ -21,6 +21,7 @@ from reference import (
     random_dag,
 )
 
+import codat.dag as dagmod
 from codat.benchmark import make_dag_inputs
 from codat.dag import (
     dag_best_path,
@@ -427,3 +428,51 @@ def test_log_likelihood_under_bf16_autocast_is_the_float32_result():
     torch.testing.assert_close(auto, plain, rtol=0, atol=0)
     for a, b in zip(auto_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_log_likelihood_ignores_backward_transition_entries():
+    # Paths only move forward (k < j): finite scores at k >= j, which a careless caller might leave
+    # unmasked, change nothing and get zero gradients, as in the brute-force enumeration.
+    L, N, graph_lens, target_lens = RAGGED
+    gl, tl = _lens(graph_lens, target_lens)
+    token_logp, trans_logp = random_dag(len(gl), L, gl, N)
+    backward = torch.ones(L, L, dtype=torch.bool).tril()
+    noisy = torch.where(backward, torch.randn(len(gl), L, L, dtype=torch.float64), trans_logp)
+    weights = torch.rand(len(gl), dtype=torch.float64) + 0.5
+    tok, tr = _leaves(token_logp, noisy)
+    got = dag_log_likelihood(tok, tr, gl, tl)
+    grad_tok, grad_tr = _grads(got, weights, [tok, tr])
+    tok_ref, tr_ref = _leaves(token_logp, trans_logp)
+    want = brute_force_log_likelihood(tok_ref, tr_ref, gl, tl)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    want_tok, want_tr = _grads(want, weights, [tok_ref, tr_ref])
+    torch.testing.assert_close(grad_tok, want_tok, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grad_tr, want_tr, rtol=1e-9, atol=1e-10)
+    assert (grad_tr[:, backward] == 0).all()
+
+
+def test_block_step_does_not_redo_columns_without_a_finite_term():
+    # Block 1 (vertices 4..7) has alpha = -inf at vertex 4 and finite alpha from vertex 5 on, so
+    # columns j <= 5 get no finite term (k < j is needed) and are exactly -inf. Their bound
+    # m_b + c_bj is finite, yet nothing is left to recompute in log space for them.
+    B, nb, K, bs = 1, 2, 1, 4
+    L = nb * bs
+    g = torch.Generator().manual_seed(0)
+    trans = torch.full((B, L, L), -INF)
+    forward = torch.ones(L, L, dtype=torch.bool).triu(1)
+    trans[:, forward] = 20.0 * torch.randn(int(forward.sum()), generator=g)
+    alpha = torch.full((B, K, L), -INF)
+    alpha[..., 5:] = torch.tensor([0.0, -60.0, -3.0])
+    trans_blk = trans.view(B, nb, bs, L)
+    col_max = trans_blk.amax(dim=2, keepdim=True)
+    trans_exp = dagmod._exp_floor(
+        trans_blk - (col_max.nan_to_num(neginf=0.0) - dagmod._LIFT), dagmod._LIFT + dagmod._CUT
+    )
+    a_blk = alpha.view(B, K, nb, bs).transpose(1, 2)
+    m = a_blk.amax(dim=3, keepdim=True)
+    p, ell = torch.empty(B, nb, K, bs), torch.empty(B, K, L)
+    at = dagmod._block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell)
+    want = torch.logsumexp(alpha.double().transpose(1, 2) + trans.double(), dim=1)  # (B, L)
+    assert at == () or not (at[3] <= 5).any()
+    assert (ell[0, 0, :6] == -INF).all()
+    torch.testing.assert_close(ell[0, 0, 6:].double(), want[0, 6:], rtol=1e-6, atol=0)

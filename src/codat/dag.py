@@ -1,7 +1,8 @@
 """DAG maths of DA-Transformer as pure tensor functions (method.md §3).
 
 Conventions: `token_logp (B, L, N)` holds log P(y_i | v_j) at [b, j, i] (vertex axis before target
-axis); `trans_logp (B, L, L)` holds log P(v_k -> v_j) at [b, k, j], -inf unless k < j < L_b.
+axis); `trans_logp (B, L, L)` holds log P(v_k -> v_j) at [b, k, j], -inf unless k < j < L_b
+(the likelihood ignores the entries with k >= j, which no forward path uses).
 A path is 0 = a_0 < a_1 < ... < a_{N_b-1} = L_b - 1. Everything runs in float32 (or float64 when
 given float64) and is -inf safe: unreachable cells stay -inf and get zero, never NaN, gradients.
 """
@@ -121,23 +122,25 @@ def dag_log_likelihood_shared(
 # Exactness of the scaled-space matmul (method.md §3). The vertex axis is cut into blocks of
 # _BLOCK sources; block b of alpha is scaled by its own max m_b and block b of the transitions by
 # its own column max c_bj, so s_bj = sum_{k in b} exp(alpha_k - m_b) exp(E_kj - c_bj) is the block's
-# term of column j up to the factor exp(m_b + c_bj). A block sum s_bj >= _TINY is exact to fp32:
-# every term that underflows (< 2^-126, at most _BLOCK of them) is below 2^-56 of it. A smaller
-# s_bj whose bound exp(m_b + c_bj) * 2 * _TINY is not negligible (within _RELEVANT nats) against
-# the column's largest block is recomputed in log space; the others cannot move the sum.
+# term of column j up to the factor exp(m_b + c_bj). Both factors are lifted by e^_LIFT and cut
+# below e^_CUT of their own scale, so every product in the bmm lies in [e^-87, e^83], a normal
+# float32 (subnormal products make a CPU bmm up to 10x slower). A term is cut only if one of its
+# factors is, so it is below e^_CUT and a block misses less than _BLOCK e^_CUT: a block sum
+# s_bj >= e^_LOG_TINY is exact to fp32 (the missed part is below 2^-25 of it). A smaller s_bj whose
+# bound exp(m_b + c_bj) * 2 e^_LOG_TINY is not negligible (within _RELEVANT nats, which covers
+# 2^-24 / nb) against the column's largest exact block is recomputed in log space; the others
+# cannot move the sum. A block whose first vertex with a finite alpha is k0 has no finite term in
+# the columns j <= k0 (transitions run forward, k < j): those are never recomputed.
 # alpha is kept relative to a running shift (its max is 0 after every step, the shift is summed in
 # float64), so the weights exp(m_b + c_bj - ell_j) of the backward pass are computed from numbers
 # of the size of alpha's spread within one step, not of the whole log-likelihood.
 _BLOCK = 32
-_TINY = 2.0**-64
-_RELEVANT = 40.0
-_FLAG_MARGIN = _RELEVANT + math.log(2 * _TINY)  # flag a block whose m_b + c_bj > max_b v - this
-_EXP_FLOOR = -87.0  # exp below this is subnormal or 0 in float32
-# The two factors of the bmm are lifted by e^_LIFT each and cut below e^_CUT of their own scale,
-# so that every product lies in [e^-87, e^83]: subnormal products make a CPU bmm up to 10x
-# slower, and a cut term is below e^-85 of its block's scale, negligible against s >= _TINY.
 _LIFT = 41.5
 _CUT = -85.0
+_LOG_TINY = _CUT + math.log(_BLOCK) + 25 * math.log(2.0)
+_RELEVANT = 30.0
+_FLAG_MARGIN = _RELEVANT + math.log(2.0) + _LOG_TINY  # flag a block with m_b + c_bj > top - this
+_EXP_FLOOR = -87.0  # exp below this is subnormal or 0 in float32
 
 
 def _blocks(L: int) -> tuple[int, int]:
@@ -180,13 +183,17 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     # s = e^(2 _LIFT) * sum_k exp(alpha_k - m_b) exp(E_kj - c_bj), both factors cut at e^_CUT
     s = torch.bmm(p.view(B * nb, K, bs), trans_exp.view(B * nb, bs, L)).view(B, nb, K, L)
     scale = (m - 2 * _LIFT) + col_max  # the block's term is s * exp(scale)
-    tiny = _TINY * math.exp(2 * _LIFT)
+    tiny = math.exp(_LOG_TINY + 2 * _LIFT)
     ok = s >= tiny  # exact in scaled space; log(0) is slow, so only these are logged
     v = torch.where(ok, s.clamp_min(tiny).log_().add_(scale), NEG_INF)
     top = v.amax(dim=1, keepdim=True)
     flagged = torch.where(ok, NEG_INF, scale) > top - (_FLAG_MARGIN + 2 * _LIFT)
     at = ()
-    if bool(flagged.any()):  # redo these in log space (~1% of the cells on mild inputs)
+    if bool(flagged.any()):  # drop the blocks with no finite term in column j (see _BLOCK)
+        first = torch.isfinite(a_blk).byte().argmax(dim=3, keepdim=True)  # (B, nb, K, 1)
+        first = first + torch.arange(0, nb * bs, bs, device=first.device).view(1, nb, 1, 1)
+        flagged &= torch.arange(L, device=first.device) > first
+    if bool(flagged.any()):  # redo these in log space
         at = tuple(flagged.nonzero().unbind(1))
         rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
         v = v.index_put(at, (scale[at] + 2 * _LIFT) + logsumexp_safe(rel, dim=1))
@@ -220,7 +227,8 @@ class _ForwardDP(torch.autograd.Function):
         bs, nb = _blocks(L)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         trans_blk = trans_logp.new_full((B, nb * bs, L), NEG_INF)
-        trans_blk[:, :L] = trans_logp
+        forward = torch.ones(L, L, dtype=torch.bool, device=trans_logp.device).triu_(1)
+        trans_blk[:, :L] = trans_logp.masked_fill(~forward, NEG_INF)  # k < j only
         trans_blk = trans_blk.view(B, nb, bs, L)
         col_max = trans_blk.amax(dim=2, keepdim=True)  # (B, nb, 1, L)
         lifted = trans_blk - (col_max.nan_to_num(neginf=0.0) - _LIFT)
