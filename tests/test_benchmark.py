@@ -13,6 +13,7 @@ from codat.benchmark import (
     _peak_rss_mb,
     format_dag_report,
     make_dag_inputs,
+    mat_vec_floor,
     naive_dag_log_likelihood,
     run_dag_benchmark,
 )
@@ -115,8 +116,15 @@ def test_run_dag_benchmark_tiny():
     assert set(memory) == {"naive", "codat"} and all(v >= 0 for v in memory.values())
     assert "VmHWM" in result["peak_memory_kind"]
 
+    for key in ("forward", "forward_backward"):
+        floor = result[f"{key}_ms"]["floor"]
+        assert math.isfinite(floor) and floor > 0
+        bound = result[f"{key}_floor_speedup"]
+        assert bound == pytest.approx(result[f"{key}_ms"]["naive"] / floor)
+
     report = format_dag_report(result)
-    assert "speed-up" in report
+    assert "speed-up" in report and "floor ms" in report
+    assert f"{result['forward_backward_floor_speedup']:.2f}x" in report
     assert "peak memory MB" in report
     assert f"{result['forward_backward_speedup']:.2f}x" in report
     assert "B=2" in report and "N=4" in report and "L=12" in report and "device=cpu" in report
@@ -189,3 +197,29 @@ def test_speed_settings_use_decoders_of_the_arch(arch):
 def test_speed_settings_reject_an_unknown_arch():
     with pytest.raises(ValueError, match="model.arch=rnn"):
         speed_settings("rnn", samples=2, iterations=[1])
+
+
+def test_mat_vec_floor_does_one_matvec_per_step_each_way_on_normal_floats(monkeypatch):
+    # The floor's time is the bound printed next to the DP's: it must do the work it claims (one
+    # mat-vec per step each way, one gradient bmm) and no subnormal arithmetic that slows it down.
+    token_logp, trans_logp, gl, tl = make_dag_inputs(3, 9, 40, seed=2, scale=10.0)
+    tiny = torch.finfo(torch.float32).tiny
+    calls = []
+    bmm = torch.bmm
+
+    def spy(a, b, *args, **kwargs):
+        out = bmm(a, b, *args, **kwargs)
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        for x in (a, b, out):
+            assert not ((x != 0) & (x.abs() < tiny)).any() and torch.isfinite(x).all()
+        return out
+
+    trans = trans_logp.clone().requires_grad_(True)
+    monkeypatch.setattr(torch, "bmm", spy)
+    out = mat_vec_floor(token_logp, trans, gl, tl)
+    out.sum().backward()
+    monkeypatch.undo()
+    assert calls[:8] == [((3, 1, 40), (3, 40, 40))] * 8
+    assert calls[8:16] == [((3, 1, 40), (3, 40, 40))] * 8
+    assert calls[16:] == [((3, 40, 8), (3, 8, 40))]
+    assert trans.grad.shape == trans.shape and torch.isfinite(trans.grad).all()
