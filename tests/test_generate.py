@@ -339,6 +339,16 @@ def test_precision_bf16_decodes_every_decoder_under_bf16_autocast():
     assert translate_ids(model, sources, DecodeConfig(precision="fp32")) == fp32
     at = translate_ids(make_model("at"), sources, DecodeConfig(precision="bf16"))
     assert len(at) == 3
+    # CTC: the blank class too (it was a bf16 product next to float32 token logits)
+    seen.clear(), states.clear()
+    ctc = make_model("ctc")
+    ctc.register_forward_hook(lambda m, i, out: seen.append(out.token_logits))
+    ctc.decoder_layers[-1].register_forward_hook(lambda m, i, out: states.append(out))
+    assert len(translate_ids(ctc, sources, DecodeConfig(precision="bf16"))) == 3
+    table = torch.cat([ctc.embed.weight, ctc.blank.unsqueeze(0)])
+    assert seen[0].dtype == torch.float32 and states[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0][..., -1], states[0] @ ctc.blank, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], states[0] @ table.t(), rtol=0, atol=1e-6)
     check_options("at", "beam", ["precision", "beam"])  # every decoder reads it
     with pytest.raises(ValueError, match="decode.precision='fp16'.*fp32, bf16"):
         RunConfig(decode=DecodeConfig(precision="fp16"))

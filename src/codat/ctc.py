@@ -150,7 +150,7 @@ class CTCModel(nn.Module):
         for layer in self.decoder_layers:
             x = layer(x, mask, enc.states, enc.src_mask)
         token_logits = tied_logits(x, self.embed.weight)  # (B, L, V), tied
-        blank_logits = x @ self.blank.to(x.dtype).unsqueeze(1)  # (B, L, 1)
+        blank_logits = tied_logits(x, self.blank.unsqueeze(0))  # (B, L, 1), the same way
         return CtcOutput(torch.cat([token_logits, blank_logits], dim=-1), enc.out_lens)
 
     def forward(
