@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
@@ -139,7 +140,6 @@ _LIFT = 41.5
 _CUT = -85.0
 _LOG_TINY = _CUT + math.log(_BLOCK) + 25 * math.log(2.0)
 _RELEVANT = 30.0
-_FLAG_MARGIN = _RELEVANT + math.log(2.0) + _LOG_TINY  # flag a block with m_b + c_bj > top - this
 _EXP_FLOOR = -87.0  # exp below this is subnormal or 0 in float32
 _FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32, e^-87.3
 
@@ -150,23 +150,28 @@ def _blocks(L: int) -> tuple[int, int]:
     return size, -(-L // size)
 
 
-def _exact_terms(a_blk, m, trans_blk, col_max, at):
-    """(alpha_k - m_b) + (E_kj - c_bj) for the sources k of each flagged (b, block, kk, j).
-
-    a_blk (B, nb, K, bs), m (B, nb, K, 1), trans_blk (B, nb, bs, L), col_max (B, nb, 1, L); `at`
-    the four index tensors of n flagged cells -> (n, bs). Both differences are exact and small."""
-    b, blk, kk, j = at
-    rel_a = a_blk[b, blk, kk] - m[b, blk, kk]
-    return rel_a + (trans_blk[b, blk, :, j] - col_max[b, blk, 0, j].unsqueeze(1))
+def _log_space_cells(a_blk, m, trans_blk, col_max, flat):
+    """The flagged cells, by their flat indices `flat` (n,) into (B, nb, K, L), with what the
+    forward and the backward pass need of them: rel (n, bs) = (alpha_k - m_b) + (E_kj - c_bj)
+    over the block's sources k (both differences exact and small), the cells' (b, block, kk)
+    rows of (B * nb * K, bs), their (b, block) indices of (B * nb, ...) and their columns j."""
+    B, nb, K, bs = a_blk.shape
+    L = trans_blk.shape[3]
+    row, j = flat // L, flat % L
+    bb = row // K
+    rel_a = (a_blk - m).reshape(B * nb * K, bs).index_select(0, row)
+    rel_t = trans_blk.view(B * nb, bs, L)[bb, :, j] - col_max.view(B * nb, L)[bb, j].unsqueeze(1)
+    return rel_a.add_(rel_t), row, bb, j
 
 
 def _exp_floor(x: torch.Tensor, floor: float = _EXP_FLOOR) -> torch.Tensor:
-    """exp(x), with 0 where x < floor (>= _EXP_FLOOR); in place on x.
+    """exp(x), with 0 where x < floor + 1e-5 (floor >= _EXP_FLOOR); in place on x.
 
     Vectorised exp is ~100x slower on inputs whose result underflows (and on -inf) than on normal
-    ones, so the small ones are clamped first and zeroed after: they are below 2^-125 anyway."""
-    keep = x >= floor
-    return x.clamp_min_(floor).exp_().mul_(keep)
+    ones, so the small ones are clamped first and zeroed after, by value (a float threshold is
+    ~4x faster than a boolean mask on a CPU): they are below e^floor, which every caller treats
+    as negligible, as it does anything within 1e-5 relative of it."""
+    return F.threshold_(x.clamp_min_(floor).exp_(), math.exp(floor) * (1.0 + 1e-5), 0.0)
 
 
 def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
@@ -175,34 +180,47 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     a_blk (B, nb, K, bs) holds alpha by vertex block, m (B, nb, K, 1) its block maxima;
     trans_blk (B, nb, bs, L); trans_exp the lifted e^_LIFT exp(E - c_bj), cut at e^_CUT;
     col_max (B, nb, 1, L). Writes the lifted block exponentials e^_LIFT exp(alpha_k - m_b) into
-    p (B, nb, K, bs) and ell into ell (B, K, L); returns the index tuple of the blocks summed in
-    log space.
+    p (B, nb, K, bs) and ell into ell (B, K, L); returns the blocks summed in log space, as
+    `_log_space_cells` gives them plus their m_b + c_bj (or () when there are none).
     """
     B, nb, K, bs = a_blk.shape
     L = trans_exp.shape[3]
     _exp_floor(torch.sub(a_blk, m.nan_to_num(neginf=0.0) - _LIFT, out=p), _LIFT + _CUT)
     # s = e^(2 _LIFT) * sum_k exp(alpha_k - m_b) exp(E_kj - c_bj), both factors cut at e^_CUT
     s = torch.bmm(p.view(B * nb, K, bs), trans_exp.view(B * nb, bs, L)).view(B, nb, K, L)
-    scale = (m - 2 * _LIFT) + col_max  # the block's term is s * exp(scale)
+    scale = torch.add(col_max, m - 2 * _LIFT)  # the block's term is s * exp(scale)
     tiny = math.exp(_LOG_TINY + 2 * _LIFT)
-    ok = s >= tiny  # exact in scaled space; log(0) is slow, so only these are logged
-    v = torch.where(ok, s.clamp_min(tiny).log_().add_(scale), NEG_INF)
+    inexact = s < tiny
+    # In place on s: exact block values, and for an inexact block its bound log(tiny) + scale
+    # (log(0) is slow, so nothing below tiny is logged). An inexact block is redone in log space
+    # if its bound is within the relevance margin of the column's top (the rule of _BLOCK); the
+    # others are negligible and keep their bound (their sum moves ell by < nb e^-30 relative).
+    # The top may itself be a bound that, redone, drops: hence the loop, which ends when every
+    # bound left is negligible against a top that is exact. Columns j up to the first vertex
+    # with a finite alpha have no term at all: they are -inf and never redone.
+    v = s.clamp_min_(tiny).log_().add_(scale)
+    first = torch.isfinite(a_blk).transpose(1, 2).reshape(B, K, nb * bs).byte().argmax(dim=2)
+    dead = (torch.arange(L, device=v.device) <= first.unsqueeze(2)).unsqueeze(1)  # (B, 1, K, L)
+    margin = _RELEVANT + math.log(2.0)
     top = v.amax(dim=1, keepdim=True)
-    flagged = torch.where(ok, NEG_INF, scale) > top - (_FLAG_MARGIN + 2 * _LIFT)
-    at = ()
-    if bool(flagged.any()):  # drop the blocks with no finite term in column j (see _BLOCK)
-        first = torch.isfinite(a_blk).byte().argmax(dim=3, keepdim=True)  # (B, nb, K, 1)
-        first = first + torch.arange(0, nb * bs, bs, device=first.device).view(1, nb, 1, 1)
-        flagged &= torch.arange(L, device=first.device) > first
-    if bool(flagged.any()):  # redo these in log space
-        at = tuple(flagged.nonzero().unbind(1))
-        rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
-        v = v.index_put(at, (scale[at] + 2 * _LIFT) + logsumexp_safe(rel, dim=1))
+    redo = (v > (top - margin).masked_fill_(dead, math.inf)).logical_and_(inexact)
+    parts = []
+    while bool(redo.any()):
+        flat = redo.view(-1).nonzero().squeeze(1)
+        rel, row, bb, j = _log_space_cells(a_blk, m, trans_blk, col_max, flat)
+        base = scale.view(-1)[flat] + 2 * _LIFT  # m_b + c_bj
+        v.view(-1)[flat] = base + torch.logsumexp(rel, dim=1)  # -inf if all terms are
+        inexact.view(-1)[flat] = False
+        parts.append((flat, row, bb, j, rel, base))
         top = v.amax(dim=1, keepdim=True)
+        redo = (v > (top - margin).masked_fill_(dead, math.inf)).logical_and_(inexact)
     top = top.squeeze(1)
-    total = (v - top.nan_to_num(neginf=0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
+    total = v.sub_(top.nan_to_num(neginf=0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
     torch.sum(total, dim=1, out=ell).log_().add_(top)  # -inf where top is (total >= e^-87 > 0)
-    return at
+    ell.masked_fill_(dead.squeeze(1), NEG_INF)
+    if len(parts) > 1:
+        return tuple(torch.cat(field) for field in zip(*parts, strict=True))
+    return parts[0] if parts else ()
 
 
 class _ForwardDP(torch.autograd.Function):
@@ -234,9 +252,10 @@ class _ForwardDP(torch.autograd.Function):
         col_max = trans_blk.amax(dim=2, keepdim=True)  # (B, nb, 1, L)
         lifted = trans_blk - (col_max.nan_to_num(neginf=0.0) - _LIFT)
         trans_exp = _exp_floor(lifted, _LIFT + _CUT)  # e^_LIFT exp(E - c), (B, nb, bs, L)
-        # a_t = alpha_t - shift_t, vertices padded to nb * bs with -inf: every step's for the
-        # backward pass, else the last two. The per-step buffers likewise: all steps or one.
-        steps = N if grad else min(N, 2)
+        # a_t = alpha_t - shift_t, vertices padded to nb * bs with -inf: the last two steps' (the
+        # backward pass reads p, m, ell and the log-space cells). The per-step buffers: every
+        # step's for the backward pass, else one.
+        steps = min(N, 2)
         a_all = token_logp.new_full((B, steps, K, nb * bs), NEG_INF)
         shifts = token_logp.new_zeros((B, K, N), dtype=torch.float64)
         ends = token_logp.new_empty((B, K, N), dtype=torch.float64)  # alpha_t at vertex L_b - 1
@@ -265,15 +284,15 @@ class _ForwardDP(torch.autograd.Function):
             ends[:, :, t] = a_t.gather(2, last).squeeze(2) + shifts[:, :, t]
         result = ends.gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2).to(token_logp.dtype)
         ctx.flagged = flagged
-        dp_state = (trans_blk, trans_exp, col_max, a_all, ell_all, m_all, probs)
+        dp_state = (trans_exp, col_max, ell_all, m_all, probs)
         ctx.save_for_backward(*dp_state, graph_lens, target_lens, result)
         ctx.token_shape = (B, K, L, N)
         return result
 
     @staticmethod
     def _backward(ctx, grad_out):
-        trans_blk, trans_exp, col_max, a_all, ell_all, m_all, probs = ctx.saved_tensors[:7]
-        graph_lens, target_lens, result = ctx.saved_tensors[7:]
+        trans_exp, col_max, ell_all, m_all, probs = ctx.saved_tensors[:5]
+        graph_lens, target_lens, result = ctx.saved_tensors[5:]
         B, K, L, N = ctx.token_shape
         bs, nb = _blocks(L)
         T = max(N - 1, 0)
@@ -293,7 +312,6 @@ class _ForwardDP(torch.autograd.Function):
             grad_token[:, :, :, t] = d_alpha
             if t == 0:
                 break
-            a_blk = a_all[:, t - 1].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
             m = m_all[:, :, t - 1]  # (B, nb, K, 1)
             ell = ell_all[:, t - 1].nan_to_num(neginf=float("inf")).unsqueeze(1)  # weight 0
             ds = ds_all[:, :, t - 1]  # (B, nb, K, L): exp(m_b + c_bj - ell_j) * dZ/dell_j
@@ -301,20 +319,21 @@ class _ForwardDP(torch.autograd.Function):
             # a weight below e^(_EXP_FLOOR + _LIFT) moves less than e^-42 of column j: cut
             _exp_floor(torch.sub(col_max, ell, out=ds).add_(m - _LIFT)).mul_(d_alpha.unsqueeze(1))
             if ds.dtype == torch.float32:  # no subnormal inputs: they make a CPU bmm ~100x slower
-                ds.masked_fill_(ds.abs() < _FLT_MIN, 0.0)
-            at = ctx.flagged[t - 1]
-            if at:
-                ds.index_put_(at, ds.new_zeros(()))
+                torch.ops.aten.hardshrink.out(ds, _FLT_MIN, out=ds)  # 0 where |ds| <= _FLT_MIN
+            cells = ctx.flagged[t - 1]
+            if cells:  # these blocks' weights come from log space below
+                flat, bb = cells[0], cells[2]
+                ds.view(B * nb, K * L).index_put_((bb, flat % (K * L)), ds.new_zeros(()))
             p = probs[:, :, t - 1]  # (B, nb, K, bs)
             d_prev = torch.bmm(ds.reshape(B * nb, K, L), trans_exp_t).view(B, nb, K, bs)
             d_prev.mul_(p).mul_(math.exp(-_LIFT))  # p is lifted too
-            if at:  # log-space blocks: weights exp(alpha_k + E_kj - ell_j)
-                b, blk, kk, j = at
-                rel = _exact_terms(a_blk, m, trans_blk, col_max, at)
-                lift = (m[b, blk, kk, 0] + col_max[b, blk, 0, j]) - ell[b, 0, kk, j]
-                w = (rel + lift.unsqueeze(1)).exp() * d_alpha[b, kk, j].unsqueeze(1)
-                d_prev.index_put_((b, blk, kk), w, accumulate=True)
-                grad_blk.index_put_((b, blk, j), w, accumulate=True)
+            if cells:  # log-space blocks: weights exp(alpha_k + E_kj - ell_j)
+                _, row, bb, j, rel, base = cells
+                col = ((bb // nb) * K + row % K) * L + j  # the cells' (b, kk, j) in (B, K, L)
+                lift = base - ell.reshape(-1)[col]  # ell is +inf (weight 0) where it was -inf
+                w = (rel + lift.unsqueeze(1)).exp_().mul_(d_alpha.reshape(-1)[col].unsqueeze(1))
+                d_prev.view(-1, bs).index_add_(0, row, w)
+                grad_blk.view(-1, bs).index_add_(0, bb * L + j, w)
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
         grad_token[:, :, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
         grad_trans = trans_exp * torch.bmm(
