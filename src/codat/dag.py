@@ -145,9 +145,10 @@ _FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32, e^-87
 
 
 def _blocks(L: int) -> tuple[int, int]:
-    """(block size, number of blocks) for L vertices."""
-    size = min(_BLOCK, L)
-    return size, -(-L // size)
+    """(block size, number of blocks) for L vertices: as few blocks of at most _BLOCK as cover
+    L, as even as can be (240 = 8 x 30: no padding vertex to fill and skip)."""
+    nb = -(-L // _BLOCK)
+    return -(-L // nb), nb
 
 
 def _log_space_cells(a_blk, m, trans_blk, col_max, flat):
@@ -245,9 +246,12 @@ class _ForwardDP(torch.autograd.Function):
         B, K, L, N = token_logp.shape
         bs, nb = _blocks(L)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        trans_blk = trans_logp.new_full((B, nb * bs, L), NEG_INF)
-        forward = torch.ones(L, L, dtype=torch.bool, device=trans_logp.device).triu_(1)
-        trans_blk[:, :L] = trans_logp.masked_fill(~forward, NEG_INF)  # k < j only
+        backward = torch.ones(L, L, dtype=torch.bool, device=trans_logp.device).tril_()
+        if nb * bs == L:
+            trans_blk = trans_logp.masked_fill(backward, NEG_INF)  # k < j only
+        else:
+            trans_blk = trans_logp.new_full((B, nb * bs, L), NEG_INF)
+            trans_blk[:, :L] = trans_logp.masked_fill(backward, NEG_INF)
         trans_blk = trans_blk.view(B, nb, bs, L)
         col_max = trans_blk.amax(dim=2, keepdim=True)  # (B, nb, 1, L)
         lifted = trans_blk - (col_max.nan_to_num(neginf=0.0) - _LIFT)
@@ -336,10 +340,14 @@ class _ForwardDP(torch.autograd.Function):
                 grad_blk.view(-1, bs).index_add_(0, bb * L + j, w)
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
         grad_token[:, :, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
-        grad_trans = trans_exp * torch.bmm(
+        grad_trans = torch.bmm(
             probs.view(B * nb, -1, bs).transpose(1, 2), ds_all.view(B * nb, -1, L)
-        ).view(B, nb, bs, L).mul_(math.exp(-_LIFT))
-        grad_trans = grad_trans + grad_blk.transpose(2, 3)
+        ).view(B, nb, bs, L)
+        if any(ctx.flagged):  # one pass: log-space part + e^-_LIFT * bmm * lifted exp(E - c)
+            blk = grad_blk.transpose(2, 3)
+            torch.addcmul(blk, grad_trans, trans_exp, value=math.exp(-_LIFT), out=grad_trans)
+        else:
+            grad_trans.mul_(trans_exp).mul_(math.exp(-_LIFT))
         return grad_token, grad_trans.view(B, nb * bs, L)[:, :L], None, None
 
 
