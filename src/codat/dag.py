@@ -304,7 +304,7 @@ class _ForwardDP(torch.autograd.Function):
         # A -inf result passes no gradient (and must not: its paths all have probability 0).
         grad_out = torch.where(torch.isfinite(result), grad_out, torch.zeros_like(grad_out))
         grad_token = grad_out.new_zeros(B, K, L, N)
-        grad_blk = trans_exp.new_zeros(B, nb, L, bs)  # log-space blocks' part, transposed
+        logged = []  # the log-space blocks' weights: (b * nb + block, j, w (n, bs)) of each step
         ds_all = trans_exp.new_empty(B, nb, T, K, L)  # dZ/ds_bj of every step
         d_alpha = grad_out.new_zeros(B, K, L)
         trans_exp_t = trans_exp.view(B * nb, bs, L).transpose(1, 2)
@@ -337,17 +337,17 @@ class _ForwardDP(torch.autograd.Function):
                 lift = base - ell.reshape(-1)[col]  # ell is +inf (weight 0) where it was -inf
                 w = (rel + lift.unsqueeze(1)).exp_().mul_(d_alpha.reshape(-1)[col].unsqueeze(1))
                 d_prev.view(-1, bs).index_add_(0, row, w)
-                grad_blk.view(-1, bs).index_add_(0, bb * L + j, w)
+                logged.append((bb, j, w))
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
         grad_token[:, :, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
         grad_trans = torch.bmm(
             probs.view(B * nb, -1, bs).transpose(1, 2), ds_all.view(B * nb, -1, L)
         ).view(B, nb, bs, L)
-        if any(ctx.flagged):  # one pass: log-space part + e^-_LIFT * bmm * lifted exp(E - c)
-            blk = grad_blk.transpose(2, 3)
-            torch.addcmul(blk, grad_trans, trans_exp, value=math.exp(-_LIFT), out=grad_trans)
-        else:
-            grad_trans.mul_(trans_exp).mul_(math.exp(-_LIFT))
+        grad_trans.mul_(trans_exp).mul_(math.exp(-_LIFT))  # both factors were lifted
+        if logged:
+            bb, j, w = (torch.cat(x) for x in zip(*logged, strict=True))
+            # (the transpose makes each (bb, :, j) a row in the indexing; a view of grad_trans)
+            grad_trans.view(B * nb, bs, L).transpose(1, 2).index_put_((bb, j), w, accumulate=True)
         return grad_token, grad_trans.view(B, nb * bs, L)[:, :L], None, None
 
 
