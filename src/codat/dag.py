@@ -200,7 +200,8 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     # bound left is negligible against a top that is exact. Columns j up to the first vertex
     # with a finite alpha have no term at all: they are -inf and never redone.
     v = s.clamp_min_(tiny).log_().add_(scale)
-    first = torch.isfinite(a_blk).transpose(1, 2).reshape(B, K, nb * bs).byte().argmax(dim=2)
+    finite = a_blk > NEG_INF  # alpha is finite or -inf
+    first = finite.transpose(1, 2).reshape(B, K, nb * bs).byte().argmax(dim=2)
     dead = (torch.arange(L, device=v.device) <= first.unsqueeze(2)).unsqueeze(1)  # (B, 1, K, L)
     margin = _RELEVANT + math.log(2.0)
     top = v.amax(dim=1, keepdim=True)
@@ -303,7 +304,8 @@ class _ForwardDP(torch.autograd.Function):
         last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
         # A -inf result passes no gradient (and must not: its paths all have probability 0).
         grad_out = torch.where(torch.isfinite(result), grad_out, torch.zeros_like(grad_out))
-        grad_token = grad_out.new_zeros(B, K, L, N)
+        grad_steps = grad_out.new_empty(N, B, K, L)  # dZ/dalpha_t, as grad_token[..., t]
+        ell_inf = ell_all.nan_to_num(neginf=float("inf"))  # weight 0 in -inf columns
         logged = []  # the log-space blocks' weights: (b * nb + block, j, w (n, bs)) of each step
         ds_all = trans_exp.new_empty(B, nb, T, K, L)  # dZ/ds_bj of every step
         d_alpha = grad_out.new_zeros(B, K, L)
@@ -313,11 +315,11 @@ class _ForwardDP(torch.autograd.Function):
             d_alpha.scatter_add_(
                 2, last, torch.where(ends_here, grad_out, torch.zeros_like(grad_out)).unsqueeze(2)
             )
-            grad_token[:, :, :, t] = d_alpha
+            grad_steps[t] = d_alpha
             if t == 0:
                 break
             m = m_all[:, :, t - 1]  # (B, nb, K, 1)
-            ell = ell_all[:, t - 1].nan_to_num(neginf=float("inf")).unsqueeze(1)  # weight 0
+            ell = ell_inf[:, t - 1].unsqueeze(1)
             ds = ds_all[:, :, t - 1]  # (B, nb, K, L): exp(m_b + c_bj - ell_j) * dZ/dell_j
             # e^-_LIFT exp(m_b + c_bj - ell_j) dZ/dell_j, times the lifted exp(E - c) in the bmm;
             # a weight below e^(_EXP_FLOOR + _LIFT) moves less than e^-42 of column j: cut
@@ -339,7 +341,8 @@ class _ForwardDP(torch.autograd.Function):
                 d_prev.view(-1, bs).index_add_(0, row, w)
                 logged.append((bb, j, w))
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
-        grad_token[:, :, 1:, 0] = 0  # alpha_0 only reads M[0, 0]
+        grad_steps[0, :, :, 1:] = 0  # alpha_0 only reads M[0, 0]
+        grad_token = grad_steps.permute(1, 2, 3, 0).contiguous()  # (B, K, L, N)
         grad_trans = torch.bmm(
             probs.view(B * nb, -1, bs).transpose(1, 2), ds_all.view(B * nb, -1, L)
         ).view(B, nb, bs, L)
