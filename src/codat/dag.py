@@ -130,8 +130,8 @@ def dag_log_likelihood_shared(
 # s_bj >= e^_LOG_TINY is exact to fp32 (the missed part is below 2^-25 of it). A smaller s_bj whose
 # bound exp(m_b + c_bj) * 2 e^_LOG_TINY is not negligible (within _RELEVANT nats, which covers
 # 2^-24 / nb) against the column's largest exact block is recomputed in log space; the others
-# cannot move the sum. A block whose first vertex with a finite alpha is k0 has no finite term in
-# the columns j <= k0 (transitions run forward, k < j): those are never recomputed.
+# cannot move the sum. The columns j up to the first vertex k0 with a finite alpha have no finite
+# term at all (transitions run forward, k < j): they are -inf and never recomputed.
 # alpha is kept relative to a running shift (its max is 0 after every step, the shift is summed in
 # float64), so the weights exp(m_b + c_bj - ell_j) of the backward pass are computed from numbers
 # of the size of alpha's spread within one step, not of the whole log-likelihood.
