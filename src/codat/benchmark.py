@@ -5,6 +5,8 @@ torch code writes it: at every target step a (B, L, L) broadcast-add of alpha an
 matrix followed by a -inf-safe logsumexp over the source vertex. `dag_log_likelihood` does the same
 sum as one log-space batched matmul per step. `run_dag_benchmark` times both, interleaved in the
 same run, forward only and forward + backward, and checks that they agree in value and gradient.
+It also times `mat_vec_floor`, the work any DP that sums a step as a matmul must do, so that
+naive / floor bounds the speed-up such a DP can show on the machine.
 """
 
 from __future__ import annotations
