@@ -280,7 +280,9 @@ class _ForwardDP(torch.autograd.Function):
             a_blk = a_all[:, (t - 1) % steps].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
             m = torch.amax(a_blk, dim=3, keepdim=True, out=m_all[:, :, i])
             ell, p = ell_all[:, i], probs[:, :, i]
-            flagged.append(_block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell))
+            cells = _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell)
+            if grad:  # the backward pass reuses the log-space cells
+                flagged.append(cells)
             alpha = ell + token_logp[:, :, :, t]
             top = alpha.amax(dim=2).nan_to_num_(neginf=0.0)
             a_t = a_all[:, t % steps]
