@@ -274,7 +274,7 @@ class _ForwardDP(torch.autograd.Function):
         ell_all = token_logp.new_empty(B, kept, K, L)
         m_all = token_logp.new_empty(B, nb, kept, K, 1)
         probs = token_logp.new_empty(B, nb, kept, K, bs)  # e^_LIFT exp(alpha - m_b)
-        flagged = []
+        log_cells = []  # each step's blocks summed in log space (_block_step), for the backward
         for t in range(1, N):
             i = t - 1 if grad else 0  # this step's slot in the per-step buffers
             a_blk = a_all[:, (t - 1) % steps].view(B, K, nb, bs).transpose(1, 2)  # (B, nb, K, bs)
@@ -282,7 +282,7 @@ class _ForwardDP(torch.autograd.Function):
             ell, p = ell_all[:, i], probs[:, :, i]
             cells = _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell)
             if grad:  # the backward pass reuses the log-space cells
-                flagged.append(cells)
+                log_cells.append(cells)
             alpha = ell + token_logp[:, :, :, t]
             top = alpha.amax(dim=2).nan_to_num_(neginf=0.0)
             a_t = a_all[:, t % steps]
@@ -290,7 +290,7 @@ class _ForwardDP(torch.autograd.Function):
             torch.add(shifts[:, :, t - 1], top, out=shifts[:, :, t])
             ends[:, :, t] = a_t.gather(2, last).squeeze(2) + shifts[:, :, t]
         result = ends.gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2).to(token_logp.dtype)
-        ctx.flagged = flagged
+        ctx.log_cells = log_cells
         dp_state = (trans_exp, col_max, ell_all, m_all, probs)
         ctx.save_for_backward(*dp_state, graph_lens, target_lens, result)
         ctx.token_shape = (B, K, L, N)
@@ -328,7 +328,7 @@ class _ForwardDP(torch.autograd.Function):
             _exp_floor(torch.sub(col_max, ell, out=ds).add_(m - _LIFT)).mul_(d_alpha.unsqueeze(1))
             if ds.dtype == torch.float32:  # no subnormal inputs: they make a CPU bmm ~100x slower
                 torch.ops.aten.hardshrink.out(ds, _FLT_MIN, out=ds)  # 0 where |ds| <= _FLT_MIN
-            cells = ctx.flagged[t - 1]
+            cells = ctx.log_cells[t - 1]
             if cells:  # these blocks' weights come from log space below
                 flat, bb = cells[0], cells[2]
                 ds.view(B * nb, K * L).index_put_((bb, flat % (K * L)), ds.new_zeros(()))
@@ -348,7 +348,7 @@ class _ForwardDP(torch.autograd.Function):
         grad_trans = torch.bmm(
             probs.view(B * nb, -1, bs).transpose(1, 2), ds_all.view(B * nb, -1, L)
         ).view(B, nb, bs, L)
-        grad_trans.mul_(trans_exp).mul_(math.exp(-_LIFT))  # both factors were lifted
+        grad_trans.mul_(trans_exp).mul_(math.exp(-_LIFT))  # p, exp(E - c) lifted; ds has e^-_LIFT
         if logged:
             bb, j, w = (torch.cat(x) for x in zip(*logged, strict=True))
             # (the transpose makes each (bb, :, j) a row in the indexing; a view of grad_trans)
