@@ -11,6 +11,7 @@ from reference import brute_force_log_likelihood, random_dag
 
 from codat.benchmark import (
     _peak_rss_mb,
+    block_floor,
     format_dag_report,
     make_dag_inputs,
     mat_vec_floor,
@@ -122,8 +123,15 @@ def test_run_dag_benchmark_tiny():
         bound = result[f"{key}_floor_speedup"]
         assert bound == pytest.approx(result[f"{key}_ms"]["naive"] / floor)
 
+    for key in ("forward", "forward_backward"):
+        blocks = result[f"{key}_ms"]["blocks"]
+        assert math.isfinite(blocks) and blocks > 0
+        bound = result[f"{key}_blocks_speedup"]
+        assert bound == pytest.approx(result[f"{key}_ms"]["naive"] / blocks)
+
     report = format_dag_report(result)
-    assert "speed-up" in report and "floor ms" in report
+    assert "speed-up" in report and "floor ms" in report and "blocks ms" in report
+    assert f"{result['forward_backward_blocks_speedup']:.2f}x" in report
     assert f"{result['forward_backward_floor_speedup']:.2f}x" in report
     assert "peak memory MB" in report
     assert f"{result['forward_backward_speedup']:.2f}x" in report
@@ -223,3 +231,41 @@ def test_mat_vec_floor_does_one_matvec_per_step_each_way_on_normal_floats(monkey
     assert calls[8:16] == [((3, 1, 40), (3, 40, 40))] * 8
     assert calls[16:] == [((3, 40, 8), (3, 8, 40))]
     assert trans.grad.shape == trans.shape and torch.isfinite(trans.grad).all()
+
+
+def test_block_floor_is_the_dp_without_its_exactness_work(monkeypatch):
+    # The block floor's time is the bound of a DP of our design: it must do that DP's work (the
+    # value and both gradients on mild full-length inputs, one block bmm per step each way and one
+    # gradient bmm, no subnormal input to a bmm, which would slow it and flatter the bound) and
+    # none of its exactness work (on sharp inputs its value is wrong where the DP's is exact).
+    B, N, L = 2, 12, 96
+    token_logp, trans_logp, gl, tl = make_dag_inputs(B, N, L, seed=5)
+    gl, tl = torch.full((B,), L), torch.full((B,), N)
+    tiny = torch.finfo(torch.float32).tiny
+    calls = []
+    bmm = torch.bmm
+
+    def spy(a, b, *args, **kwargs):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        for x in (a, b):
+            assert not ((x != 0) & (x.abs() < tiny)).any() and torch.isfinite(x).all()
+        return bmm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    got = _value_and_grads(block_floor, token_logp, trans_logp, gl, tl)
+    monkeypatch.undo()
+    blocks = B * 3  # 96 vertices: 3 blocks of 32
+    assert calls[: N - 1] == [((blocks, 1, 32), (blocks, 32, L))] * (N - 1)
+    assert calls[N - 1 : 2 * (N - 1)] == [((blocks, 1, L), (blocks, L, 32))] * (N - 1)
+    assert calls[2 * (N - 1) :] == [((blocks, 32, N - 1), (blocks, N - 1, L))]
+    want = _value_and_grads(
+        naive_dag_log_likelihood, token_logp.double(), trans_logp.double(), gl, tl
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.nan_to_num(neginf=0.0), rtol=1e-5, atol=1e-4)
+
+    sharp = make_dag_inputs(B, N, L, seed=5, scale=10.0)
+    exact = dag_log_likelihood(sharp[0], sharp[1], gl, tl).double()
+    want = naive_dag_log_likelihood(sharp[0].double(), sharp[1].double(), gl, tl)
+    torch.testing.assert_close(exact, want, rtol=1e-5, atol=1e-3)
+    assert ((block_floor(sharp[0], sharp[1], gl, tl).double() - want).abs() > 1.0).any()
