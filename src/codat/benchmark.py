@@ -552,9 +552,10 @@ def format_dag_report(result: dict) -> str:
     if "blocks" in r["forward_ms"]:
         lines += [
             "",
-            "blocks: this DP with its exactness work taken out (per-block shifts, the block sums as",
-            "one bmm, their log-space combine; no exactness checks or recomputation, full lengths);",
-            "bound = naive / blocks, the largest speed-up a DP built this way can show here.",
+            "blocks: this DP with its exactness work taken out (per-block shifts, the block",
+            "sums as one bmm, their log-space combine; no exactness checks or recomputation,",
+            "full lengths); bound = naive / blocks, the largest speed-up a DP built this way",
+            "can show here.",
         ]
     if "floor" in r["forward_ms"]:
         lines += [
