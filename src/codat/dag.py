@@ -151,18 +151,17 @@ def _blocks(L: int) -> tuple[int, int]:
     return -(-L // nb), nb
 
 
-def _log_space_cells(a_blk, m, trans_blk, col_max, flat):
-    """The flagged cells, by their flat indices `flat` (n,) into (B, nb, K, L), with what the
-    forward and the backward pass need of them: rel (n, bs) = (alpha_k - m_b) + (E_kj - c_bj)
-    over the block's sources k (both differences exact and small), the cells' (b, block, kk)
-    rows of (B * nb * K, bs), their (b, block) indices of (B * nb, ...) and their columns j."""
+def _log_space_cells(a_blk, trans_blk, flat):
+    """The cells recomputed in log space, by their flat indices `flat` (n,) into (B, nb, K, L):
+    terms (n, bs) = alpha_k + E_kj over the block's sources k (alpha relative to the step's
+    shift), the cells' (b, block, kk) rows of (B * nb * K, bs), their (b, block) indices of
+    (B * nb, ...) and their columns j."""
     B, nb, K, bs = a_blk.shape
     L = trans_blk.shape[3]
     row, j = flat // L, flat % L
     bb = row // K
-    rel_a = (a_blk - m).reshape(B * nb * K, bs).index_select(0, row)
-    rel_t = trans_blk.view(B * nb, bs, L)[bb, :, j] - col_max.view(B * nb, L)[bb, j].unsqueeze(1)
-    return rel_a.add_(rel_t), row, bb, j
+    terms = a_blk.reshape(B * nb * K, bs).index_select(0, row)
+    return terms.add_(trans_blk.view(B * nb, bs, L)[bb, :, j]), row, bb, j
 
 
 def _exp_floor(x: torch.Tensor, floor: float = _EXP_FLOOR) -> torch.Tensor:
@@ -206,16 +205,23 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     margin = _RELEVANT + math.log(2.0)
     top = v.amax(dim=1, keepdim=True)
     redo = (v > (top - margin).masked_fill_(dead, math.inf)).logical_and_(inexact)
+    flat = redo.view(-1).nonzero().squeeze(1)
     parts = []
-    while bool(redo.any()):
-        flat = redo.view(-1).nonzero().squeeze(1)
-        rel, row, bb, j = _log_space_cells(a_blk, m, trans_blk, col_max, flat)
-        base = scale.view(-1)[flat] + 2 * _LIFT  # m_b + c_bj
-        v.view(-1)[flat] = base + torch.logsumexp(rel, dim=1)  # -inf if all terms are
+    while flat.numel():
+        terms, row, bb, j = _log_space_cells(a_blk, trans_blk, flat)
+        v.view(-1)[flat] = torch.logsumexp(terms, dim=1)  # -inf if all terms are
         inexact.view(-1)[flat] = False
-        parts.append((flat, row, bb, j, rel, base))
-        top = v.amax(dim=1, keepdim=True)
-        redo = (v > (top - margin).masked_fill_(dead, math.inf)).logical_and_(inexact)
+        b, kk = bb // nb, row % K
+        kl = kk * L + j
+        parts.append((row, bb, b, kk, j, kl, terms))
+        # Only the columns just redone can have a new top: they are checked again, gathered
+        # ((n, nb) each; dead columns are never redone).
+        v_cols = v.view(B, nb, K * L)[b, :, kl]
+        top_cols = v_cols.amax(dim=1)
+        top.view(B, K * L)[b, kl] = top_cols
+        more = v_cols > (top_cols - margin).unsqueeze(1)
+        cell, blk = more.logical_and_(inexact.view(B, nb, K * L)[b, :, kl]).nonzero(as_tuple=True)
+        flat = torch.unique((b[cell] * nb + blk) * (K * L) + kl[cell])  # into (B, nb, K, L)
     top = top.squeeze(1)
     total = v.sub_(top.nan_to_num(neginf=0.0).unsqueeze(1)).clamp_min_(_EXP_FLOOR).exp_()
     torch.sum(total, dim=1, out=ell).log_().add_(top)  # -inf where top is (total >= e^-87 > 0)
@@ -330,16 +336,15 @@ class _ForwardDP(torch.autograd.Function):
                 torch.ops.aten.hardshrink.out(ds, _FLT_MIN, out=ds)  # 0 where |ds| <= _FLT_MIN
             cells = ctx.log_cells[t - 1]
             if cells:  # these blocks' weights come from log space below
-                flat, bb = cells[0], cells[2]
-                ds.view(B * nb, K * L).index_put_((bb, flat % (K * L)), ds.new_zeros(()))
+                row, bb, b, kk, j, kl, terms = cells
+                ds.view(B * nb, K * L).index_put_((bb, kl), ds.new_zeros(()))
             p = probs[:, :, t - 1]  # (B, nb, K, bs)
             d_prev = torch.bmm(ds.reshape(B * nb, K, L), trans_exp_t).view(B, nb, K, bs)
             d_prev.mul_(p).mul_(math.exp(-_LIFT))  # p is lifted too
             if cells:  # log-space blocks: weights exp(alpha_k + E_kj - ell_j)
-                _, row, bb, j, rel, base = cells
-                col = ((bb // nb) * K + row % K) * L + j  # the cells' (b, kk, j) in (B, K, L)
-                lift = base - ell.reshape(-1)[col]  # ell is +inf (weight 0) where it was -inf
-                w = (rel + lift.unsqueeze(1)).exp_().mul_(d_alpha.reshape(-1)[col].unsqueeze(1))
+                # (ell is +inf, weight 0, where it was -inf)
+                w = (terms - ell[:, 0][b, kk, j].unsqueeze(1)).exp_()
+                w.mul_(d_alpha[b, kk, j].unsqueeze(1))
                 d_prev.view(-1, bs).index_add_(0, row, w)
                 logged.append((bb, j, w))
             d_alpha = d_prev.transpose(1, 2).reshape(B, K, nb * bs)[:, :, :L]
