@@ -268,13 +268,14 @@ class _ForwardDP(torch.autograd.Function):
         # step's for the backward pass, else one.
         steps = min(N, 2)
         a_all = token_logp.new_full((B, steps, K, nb * bs), NEG_INF)
-        shifts = token_logp.new_zeros((B, K, N), dtype=torch.float64)
-        ends = token_logp.new_empty((B, K, N), dtype=torch.float64)  # alpha_t at vertex L_b - 1
+        tops = token_logp.new_empty((B, K, N))  # shift_t - shift_(t-1): the max of alpha_t
+        at_last = token_logp.new_empty((B, K, N))  # a_t at vertex L_b - 1
         last = (graph_lens - 1).view(B, 1, 1).expand(B, K, 1)
         start = token_logp[:, :, 0, 0]
-        shifts[:, :, 0] = start.nan_to_num(neginf=0.0)
-        a_all[:, 0, :, 0] = start - shifts[:, :, 0]
-        ends[:, :, 0] = a_all[:, 0].gather(2, last).squeeze(2) + shifts[:, :, 0]
+        tops[:, :, 0] = start.nan_to_num(neginf=0.0)
+        a_all[:, 0, :, 0] = start - tops[:, :, 0]
+        torch.gather(a_all[:, 0], 2, last, out=at_last[:, :, :1])
+        by_step = token_logp.permute(3, 0, 1, 2).contiguous()  # (N, B, K, L): a read per step
         T = max(N - 1, 0)
         kept = T if grad else min(T, 1)
         ell_all = token_logp.new_empty(B, kept, K, L)
@@ -289,12 +290,13 @@ class _ForwardDP(torch.autograd.Function):
             cells = _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell)
             if grad:  # the backward pass reuses the log-space cells
                 log_cells.append(cells)
-            alpha = ell + token_logp[:, :, :, t]
-            top = alpha.amax(dim=2).nan_to_num_(neginf=0.0)
+            alpha = ell + by_step[t]
+            top = torch.amax(alpha, dim=2, out=tops[:, :, t]).nan_to_num_(neginf=0.0)
             a_t = a_all[:, t % steps]
             torch.sub(alpha, top.unsqueeze(2), out=a_t[:, :, :L])
-            torch.add(shifts[:, :, t - 1], top, out=shifts[:, :, t])
-            ends[:, :, t] = a_t.gather(2, last).squeeze(2) + shifts[:, :, t]
+            torch.gather(a_t, 2, last, out=at_last[:, :, t : t + 1])
+        # alpha_t at vertex L_b - 1: a_t there plus the shift, summed in float64
+        ends = at_last.double().add_(tops.double().cumsum_(dim=2))
         result = ends.gather(2, (target_lens - 1).unsqueeze(2)).squeeze(2).to(token_logp.dtype)
         ctx.log_cells = log_cells
         dp_state = (trans_exp, col_max, ell_all, m_all, probs)
