@@ -180,8 +180,9 @@ def _block_step(a_blk, m, trans_blk, trans_exp, col_max, p, ell):
     a_blk (B, nb, K, bs) holds alpha by vertex block, m (B, nb, K, 1) its block maxima;
     trans_blk (B, nb, bs, L); trans_exp the lifted e^_LIFT exp(E - c_bj), cut at e^_CUT;
     col_max (B, nb, 1, L). Writes the lifted block exponentials e^_LIFT exp(alpha_k - m_b) into
-    p (B, nb, K, bs) and ell into ell (B, K, L); returns the blocks summed in log space, as
-    `_log_space_cells` gives them plus their m_b + c_bj (or () when there are none).
+    p (B, nb, K, bs) and ell into ell (B, K, L); returns the blocks summed in log space (or ()
+    when there are none) for the backward pass: their rows of (B * nb * K, bs), their (b, block)
+    indices of (B * nb, ...), their b, kk and j, kk * L + j, and their terms alpha_k + E_kj (n, bs).
     """
     B, nb, K, bs = a_blk.shape
     L = trans_exp.shape[3]
