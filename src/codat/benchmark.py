@@ -177,9 +177,7 @@ class _BlockFloor(torch.autograd.Function):
             alpha_t = ell + token_logp[:, :, t].unsqueeze(1)
             shift = alpha_t.amax(dim=2, keepdim=True)
             total += shift.view(B)
-            alpha = alpha_t.sub_(shift)
-            if nb * bs > L:
-                alpha = torch.cat([alpha, alpha.new_full((B, 1, nb * bs - L), NEG_INF)], dim=2)
+            torch.sub(alpha_t, shift, out=alpha[:, :, :L])  # the padding vertices stay -inf
         ctx.save_for_backward(trans_exp, col_max, probs, maxima, ells)
         return total + alpha[:, 0, L - 1]
 
